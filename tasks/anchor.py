@@ -1,0 +1,123 @@
+"""Anchor-key statistics: K0ᵀK0 and the token count of a background corpus, per edit layer.
+
+`anchor_stats` is a plain function over a list of texts, so a Ray task can run it on one
+shard and a driver can add the shards up (sums of K0ᵀK0 and of counts are exact).
+`cached_anchor_stats` memoises the whole-corpus result on disk, keyed by everything that
+changes it: model, layer, corpus content, sample count, token cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tasks.extract.hooks import StopForward
+from tasks.models import cache_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnchorArgs:
+    corpus: str = "../shared/data/agnews/test.tsv"  # text<TAB>label per line
+    n_texts: int = 2000      # texts read from the corpus's start
+    max_tokens: int = 128    # tokens per text at most
+    batch_size: int = 16
+
+
+@dataclass
+class AnchorStats:
+    """Raw (unnormalised) second moment of the anchor keys of one layer."""
+
+    cov: torch.Tensor   # [d_k, d_k] float64: Σ k kᵀ over all corpus tokens
+    count: int          # number of tokens summed
+
+    def __add__(self, other: "AnchorStats") -> "AnchorStats":
+        return AnchorStats(self.cov + other.cov, self.count + other.count)
+
+
+def read_corpus(path: str | Path, n_texts: int | None = None, offset: int = 0) -> list[str]:
+    """Texts of a `text<TAB>label` file (a header row, if any, is kept as text)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"anchor corpus not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    texts = [line.split("\t")[0].replace("\\", " ").strip() for line in lines]
+    texts = [t for t in texts if t]
+    end = None if n_texts is None else offset + n_texts
+    return texts[offset:end]
+
+
+@torch.no_grad()
+def anchor_stats(lm, layers: list[int], texts: list[str], max_tokens: int = 128,
+                 batch_size: int = 16, progress: bool = False) -> dict[int, AnchorStats]:
+    """Σ k kᵀ (float64) and token counts of the edited projections' inputs over `texts`."""
+    tok = lm.tokenizer
+    device = lm.model.device
+    totals = {layer: AnchorStats(torch.zeros(lm.mlp_out(layer).in_features,
+                                             lm.mlp_out(layer).in_features,
+                                             dtype=torch.float64, device=device), 0)
+              for layer in layers}
+    mask_now: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer):
+        def hook(_m, inputs):
+            keys = inputs[0][mask_now["mask"]].to(torch.float64)   # [n_tokens, d_k]
+            totals[layer].cov.addmm_(keys.T, keys)
+            totals[layer].count += keys.shape[0]
+        return hook
+
+    last_block = lm.block(max(layers))
+
+    def stop(_m, _i, _o):
+        raise StopForward
+
+    handles = [lm.mlp_out(layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    handles.append(last_block.register_forward_hook(stop))
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="anchor stats",
+                          disable=not progress):
+            enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                      truncation=True, max_length=max_tokens).to(device)
+            mask_now["mask"] = enc["attention_mask"].bool()
+            try:
+                lm.model(**enc, use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: AnchorStats(s.cov.cpu(), s.count) for layer, s in totals.items()}
+
+
+def _cache_file(model_name: str, layer: int, corpus: Path, args: AnchorArgs) -> Path:
+    digest = hashlib.sha1(corpus.read_bytes()).hexdigest()[:12]
+    name = f"L{layer}-{corpus.stem}-{digest}-n{args.n_texts}-t{args.max_tokens}.pt"
+    return cache_root() / "anchor" / model_name.replace("/", "__") / name
+
+
+def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
+                        progress: bool = True) -> dict[int, AnchorStats]:
+    """`anchor_stats` over the corpus's first `n_texts` texts, read from / written to disk."""
+    corpus = Path(args.corpus)
+    if not corpus.exists():
+        raise FileNotFoundError(f"anchor corpus not found: {corpus}")
+    files = {layer: _cache_file(lm.spec.name, layer, corpus, args) for layer in layers}
+    result = {layer: AnchorStats(**torch.load(f)) for layer, f in files.items() if f.exists()}
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        texts = read_corpus(corpus, args.n_texts)
+        log.info("anchor stats for layers %s over %d texts of %s", missing, len(texts), corpus)
+        fresh = anchor_stats(lm, missing, texts, args.max_tokens, args.batch_size, progress)
+        for layer, stats in fresh.items():
+            files[layer].parent.mkdir(parents=True, exist_ok=True)
+            tmp = files[layer].with_suffix(".tmp")
+            torch.save({"cov": stats.cov, "count": stats.count}, tmp)
+            tmp.rename(files[layer])
+        result.update(fresh)
+    return {layer: result[layer] for layer in layers}

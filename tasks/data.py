@@ -1,0 +1,156 @@
+"""CounterFact edit requests: load, validate, normalise.
+
+Two on-disk formats are read (a JSON list, or JSON lines):
+- EasyEdit's: `prompt` (subject filled in), `subject`, `target_new`, `ground_truth`,
+  `rephrase_prompt`, `locality_prompt`, `locality_ground_truth`;
+- ROME's original: `requested_rewrite` {`prompt` with "{}", `subject`, `target_new.str`,
+  `target_true.str`}, `paraphrase_prompts`, `neighborhood_prompts`.
+`hub:NAME[:SPLIT]` loads a dataset from the Hugging Face hub (needs a network).
+A bad record raises `EditRecordError` naming its index and case id; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EditRecordError(ValueError):
+    """A record that cannot be turned into an edit request."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact edit: make `prompt` continue with `target_new` instead of `ground_truth`.
+
+    `prompt` contains `subject` (its first occurrence is the edited subject); rephrase
+    prompts test generalisation, locality prompts (whose answer is `locality_ground_truth`)
+    test that unrelated facts stay.
+    """
+
+    case_id: int | str
+    prompt: str
+    subject: str
+    target_new: str
+    ground_truth: str
+    rephrase_prompts: tuple[str, ...]
+    locality_prompts: tuple[str, ...]
+    locality_ground_truth: str
+
+    @property
+    def subject_end(self) -> int:
+        """Character offset just past the subject in `prompt`."""
+        return self.prompt.index(self.subject) + len(self.subject)
+
+
+def load_requests(source: str | Path, limit: int | None = None,
+                  offset: int = 0) -> list[EditRequest]:
+    """Read edit requests `offset .. offset+limit` from a file path or `hub:NAME[:SPLIT]`."""
+    records = _read_records(source)
+    end = None if limit is None else offset + limit
+    requests = [parse_record(rec, index) for index, rec in
+                enumerate(records[offset:end], start=offset)]
+    if limit is not None and len(requests) < limit:
+        raise EditRecordError(
+            f"{source}: asked for {limit} records from offset {offset}, "
+            f"but it holds only {len(records)}")
+    seen: dict[object, int] = {}
+    for index, req in enumerate(requests, start=offset):
+        if req.case_id in seen:
+            raise EditRecordError(
+                f"record {index} (case_id={req.case_id}): duplicate case_id, "
+                f"first seen at record {seen[req.case_id]}")
+        seen[req.case_id] = index
+    return requests
+
+
+def _read_records(source: str | Path) -> list[dict]:
+    source = str(source)
+    if source.startswith("hub:"):
+        from datasets import load_dataset
+
+        name, _, split = source[4:].partition(":")
+        return [dict(row) for row in load_dataset(name, split=split or "train")]
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"edit data not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise EditRecordError(f"{path}: neither a JSON list nor JSON lines ({err})") from err
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise EditRecordError(f"{path}: expected a list of records, got {type(data).__name__}")
+    return data
+
+
+def parse_record(record: object, index: int = 0) -> EditRequest:
+    """Turn one EasyEdit- or ROME-format record into an `EditRequest`, or raise."""
+    if not isinstance(record, dict):
+        raise EditRecordError(f"record {index}: expected an object, got {type(record).__name__}")
+    case_id = record.get("case_id", index)
+    where = f"record {index} (case_id={case_id})"
+    try:
+        if "requested_rewrite" in record:
+            fields = _rome_fields(record)
+        else:
+            fields = _easyedit_fields(record)
+    except (KeyError, TypeError) as err:
+        raise EditRecordError(f"{where}: missing or malformed field {err}") from None
+    for key in ("prompt", "subject", "target_new", "ground_truth", "locality_ground_truth"):
+        value = fields[key]
+        if not isinstance(value, str) or not value.strip():
+            raise EditRecordError(f"{where}: field {key!r} is empty or not a string: {value!r}")
+    for key in ("rephrase_prompts", "locality_prompts"):
+        bad = [p for p in fields[key] if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise EditRecordError(f"{where}: {key} holds an empty or non-string prompt: {bad[0]!r}")
+    if fields["subject"] not in fields["prompt"]:
+        raise EditRecordError(
+            f"{where}: subject {fields['subject']!r} does not occur in prompt {fields['prompt']!r}")
+    if fields["target_new"].strip() == fields["ground_truth"].strip():
+        raise EditRecordError(f"{where}: target_new equals ground_truth ({fields['target_new']!r})")
+    return EditRequest(case_id=case_id, **fields)
+
+
+def _as_prompts(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _easyedit_fields(record: dict) -> dict:
+    return dict(
+        prompt=record["prompt"],
+        subject=record["subject"],
+        target_new=record["target_new"],
+        ground_truth=record["ground_truth"],
+        rephrase_prompts=_as_prompts(record.get("rephrase_prompt")),
+        locality_prompts=_as_prompts(record.get("locality_prompt")),
+        locality_ground_truth=record.get("locality_ground_truth", record["ground_truth"]),
+    )
+
+
+def _rome_fields(record: dict) -> dict:
+    rewrite = record["requested_rewrite"]
+    template = rewrite["prompt"]
+    if "{}" not in template:
+        raise KeyError("requested_rewrite.prompt (no '{}' placeholder for the subject)")
+    true = rewrite["target_true"]["str"]
+    return dict(
+        prompt=template.format(rewrite["subject"]),
+        subject=rewrite["subject"],
+        target_new=rewrite["target_new"]["str"],
+        ground_truth=true,
+        rephrase_prompts=_as_prompts(record.get("paraphrase_prompts")),
+        locality_prompts=_as_prompts(record.get("neighborhood_prompts")),
+        locality_ground_truth=true,
+    )

@@ -1,0 +1,66 @@
+"""The texts an edit is computed on: prefixed edit prompts and the KL ("is a") prompts."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.data import EditRequest
+from tasks.extract.tokens import TokenBatch, build_batch
+
+# Openers for the random context prefixes (MEMIT samples its prefixes from the model
+# after these five words); "{}" alone is always the first template.
+PREFIX_OPENERS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -> list[str]:
+    """["{}"] plus `n_prefixes` model-sampled prefixes ending in ". {}" (deterministic in seed)."""
+    tok = lm.tokenizer
+    templates = ["{}"]
+    if n_prefixes == 0:
+        return templates
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for i in range(n_prefixes):
+            opener = PREFIX_OPENERS[i % len(PREFIX_OPENERS)]
+            enc = tok(opener, return_tensors="pt").to(lm.model.device)
+            out = lm.model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=prefix_tokens,
+                                    pad_token_id=tok.pad_token_id)
+            text = tok.decode(out[0], skip_special_tokens=True)
+            text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+            templates.append(text + ". {}")
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return templates
+
+
+def rewrite_batch(tokenizer, requests: list[EditRequest],
+                  templates: list[str]) -> tuple[TokenBatch, torch.Tensor]:
+    """Every request's prompt under every template, followed by " target_new".
+
+    Returns the batch (edit-major: row = edit * len(templates) + template) and the edit
+    index of each row [B].
+    """
+    texts, subject_ends, target_starts, groups = [], [], [], []
+    for e, req in enumerate(requests):
+        for template in templates:
+            prefix = template[: template.index("{}")]
+            texts.append(prefix + req.prompt + " " + req.target_new)
+            subject_ends.append(len(prefix) + req.subject_end)
+            target_starts.append(len(prefix) + len(req.prompt))
+            groups.append(e)
+    batch = build_batch(tokenizer, texts, subject_ends, target_starts)
+    return batch, torch.tensor(groups)
+
+
+def kl_batch(tokenizer, requests: list[EditRequest]) -> TokenBatch:
+    """"{subject} is a" per request: the distribution after it should not move."""
+    texts = [req.subject + " is a" for req in requests]
+    return build_batch(tokenizer, texts, [len(req.subject) for req in requests])
+
+
+def prompt_batch(tokenizer, requests: list[EditRequest]) -> TokenBatch:
+    """The bare edit prompt per request (where the residual to write is measured)."""
+    return build_batch(tokenizer, [req.prompt for req in requests],
+                       [req.subject_end for req in requests])

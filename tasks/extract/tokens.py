@@ -1,0 +1,77 @@
+"""Tokenised, right-padded text batches with the positions the editors need.
+
+Each row is a text that may contain a subject (its last token is the *lookup* position,
+where keys are read and value deltas are injected) and may end with a target continuation
+(teacher-forced: `labels[b, t]` is the token that position `t` must predict, -100 else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor       # [B, T] long, right-padded
+    attention_mask: torch.Tensor  # [B, T] long
+    lookup: torch.Tensor          # [B] long: subject's last token, -1 when the row has none
+    labels: torch.Tensor          # [B, T] long: next-token target or -100
+    last: torch.Tensor            # [B] long: last real (non-pad) position
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(*(getattr(self, f).to(device) for f in
+                            ("input_ids", "attention_mask", "lookup", "labels", "last")))
+
+    @property
+    def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) of every teacher-forced target token, each [M]."""
+        return torch.nonzero(self.labels != -100, as_tuple=True)
+
+
+def build_batch(tokenizer, texts: list[str], subject_ends: list[int | None] | None = None,
+                target_starts: list[int | None] | None = None) -> TokenBatch:
+    """Tokenise `texts`; mark the token holding character `subject_ends[i] - 1` as lookup and
+    the tokens starting at or after character `target_starts[i]` as targets.
+
+    When a row has a target, its final token is dropped from the input (nothing to predict
+    after it), so the row's last position predicts the target's last token.
+    """
+    n = len(texts)
+    subject_ends = subject_ends or [None] * n
+    target_starts = target_starts or [None] * n
+    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+    rows_ids, rows_lab, lookups = [], [], []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        ids = list(ids)
+        real = [end > start for start, end in offsets]  # special tokens have empty spans
+        labels = [-100] * len(ids)
+        if target_starts[i] is not None:
+            is_target = [r and start >= target_starts[i] for r, (start, _) in zip(real, offsets)]
+            if not any(is_target):
+                raise ValueError(f"text {texts[i]!r}: the target after character "
+                                 f"{target_starts[i]} tokenises to nothing")
+            labels = [ids[t + 1] if is_target[t + 1] else -100 for t in range(len(ids) - 1)]
+            ids = ids[:-1]
+        lookup = -1
+        if subject_ends[i] is not None:
+            inside = [t for t in range(len(ids)) if real[t] and offsets[t][0] < subject_ends[i]]
+            if not inside:
+                raise ValueError(f"text {texts[i]!r}: no token before character {subject_ends[i]}")
+            lookup = inside[-1]
+        rows_ids.append(ids)
+        rows_lab.append(labels)
+        lookups.append(lookup)
+    width = max(len(ids) for ids in rows_ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows_ids, rows_lab)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return TokenBatch(input_ids=input_ids, attention_mask=attention,
+                      lookup=torch.tensor(lookups), labels=labels,
+                      last=attention.sum(1) - 1)

@@ -1,0 +1,251 @@
+"""Target values: the residual-stream vector z that makes the model say `target_new`.
+
+As in MEMIT's `compute_z`: one delta per edit is added to the residual stream after block
+`z_layer` at the subject's last token of every prefixed prompt, and optimised with Adam so
+that the prompts continue with `target_new`, with a KL term that keeps the distribution
+after "{subject} is a", a weight decay on the delta and a norm clamp. Early stop per edit on the target NLL.
+
+Hot path, so the forward is split once:
+- one no-grad pass over all rows records the residual stream after block `z_layer` and
+  the keyword arguments every later block is called with (mask, rotary embeddings);
+- each Adam step replays only blocks `z_layer+1 ..` on that cached stream plus the delta,
+  and projects to the vocabulary only at the positions that are scored.
+No parameter needs a gradient; only the deltas do. Converged edits leave the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tasks.extract.hooks import StopForward, first_tensor
+from tasks.extract.keys import group_mean
+from tasks.extract.tokens import TokenBatch
+from tasks.models import vocab_logits
+
+
+@dataclass
+class ValueArgs:
+    """Hyper-parameters of the target-value optimisation (MEMIT/EasyEdit Llama defaults)."""
+
+    steps: int = 20               # MEMIT: 20-25 Adam steps
+    lr: float = 0.5               # MEMIT/EasyEdit Llama: v_lr 5e-1
+    kl_factor: float = 0.0625     # MEMIT
+    weight_decay: float = 1e-3    # EasyEdit Llama: v_weight_decay 1e-3
+    clamp_norm_factor: float = 4.0  # EasyEdit Llama: clamp_norm_factor 4
+    early_stop_nll: float = 5e-2  # an edit stops once its target NLL is under this (MEMIT:
+                                  # total loss < 5e-2; the KL and decay terms kept ours above)
+    n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
+    prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+
+
+def _select_rows(value, rows: torch.Tensor, batch_size: int):
+    """Index every tensor in `value` (nested tuples/dicts) whose first dim is the batch."""
+    if torch.is_tensor(value):
+        if value.dim() >= 2 and value.shape[0] == batch_size:
+            return value[rows]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_select_rows(v, rows, batch_size) for v in value)
+    if isinstance(value, list):
+        return [_select_rows(v, rows, batch_size) for v in value]
+    if isinstance(value, dict):
+        return {k: _select_rows(v, rows, batch_size) for k, v in value.items()}
+    return value
+
+
+def split_at_lookup(batch: TokenBatch):
+    """Cut each row at its lookup token: a left-padded prefix (unaffected by a delta injected
+    at the lookup) and a right-padded suffix starting at the lookup.
+
+    Returns (prefix_ids [B, P], prefix_mask [B, P], prefix_pos [B, P], suffix TokenBatch with
+    lookup 0 and positions shifted by each row's lookup, suffix_pos [B, S]).
+    """
+    lookup, lengths = batch.lookup, batch.last + 1
+    assert (lookup >= 0).all(), "every row needs a lookup position"
+    n, prefix_len = len(lookup), int(lookup.max())
+    suffix_len = int((lengths - lookup).max())
+    cols_p = torch.arange(prefix_len, device=lookup.device)
+    cols_s = torch.arange(suffix_len, device=lookup.device)
+    src_p = cols_p[None, :] - (prefix_len - lookup[:, None])     # source column, <0 = pad
+    src_s = lookup[:, None] + cols_s[None, :]
+    mask_p = (src_p >= 0).long()
+    mask_s = (src_s < lengths[:, None]).long()
+    rows = torch.arange(n, device=lookup.device)[:, None]
+
+    def take(x, src, mask, fill):
+        picked = x[rows, src.clamp(0, x.shape[1] - 1)]
+        return torch.where(mask.bool(), picked, torch.full_like(picked, fill))
+
+    prefix_ids = take(batch.input_ids, src_p, mask_p, 0)
+    suffix = TokenBatch(
+        input_ids=take(batch.input_ids, src_s, mask_s, 0), attention_mask=mask_s,
+        lookup=torch.zeros_like(lookup), labels=take(batch.labels, src_s, mask_s, -100),
+        last=lengths - lookup - 1)
+    return prefix_ids, mask_p, src_p.clamp(min=0), suffix, src_s
+
+
+class LayerReplay:
+    """Runs blocks `layer+1 ..`, the final norm and the LM head on a cached residual stream.
+
+    Only each row's suffix (lookup token onwards) is replayed; the prefix is computed once
+    and enters as a key/value cache, since a delta at the lookup cannot change it.
+    """
+
+    def __init__(self, lm, layer: int, batch: TokenBatch):
+        from transformers import DynamicCache
+
+        self.lm, self.layer, self.batch_size = lm, layer, batch.input_ids.shape[0]
+        self.later = list(range(layer + 1, lm.num_layers))
+        prefix_ids, prefix_mask, prefix_pos, self.suffix, suffix_pos = split_at_lookup(batch)
+        self.block_kwargs: list[dict] = []
+        store: dict = {}
+
+        def keep_stream(_m, _inputs, output):
+            store["stream"] = first_tensor(output).detach()
+
+        def keep_kwargs(_m, args, kwargs):
+            assert len(args) <= 1, "decoder blocks are expected to take hidden states first"
+            self.block_kwargs.append(dict(kwargs))
+            if len(self.block_kwargs) == len(self.later):
+                raise StopForward  # everything later blocks need is recorded
+
+        with torch.no_grad():
+            cache = DynamicCache(config=lm.model.config)
+            if prefix_ids.shape[1] > 0:
+                lm.model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask,
+                                    position_ids=prefix_pos, past_key_values=cache, use_cache=True)
+            # Keys/values of the prefix for the later blocks; fully padded prefixes would
+            # leave NaNs in masked slots, which a zero attention weight would still spread.
+            self.prefix_kv = {i: tuple(torch.nan_to_num(t) for t in
+                                       (cache.layers[i].keys, cache.layers[i].values))
+                              for i in self.later if prefix_ids.shape[1] > 0}
+            handles = [lm.block(layer).register_forward_hook(keep_stream)]
+            handles += [lm.block(i).register_forward_pre_hook(keep_kwargs, with_kwargs=True)
+                        for i in self.later]
+            try:
+                lm.model.base_model(
+                    input_ids=self.suffix.input_ids, position_ids=suffix_pos,
+                    attention_mask=torch.cat([prefix_mask, self.suffix.attention_mask], 1),
+                    past_key_values=cache, use_cache=True)
+            except StopForward:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+        self.stream = store["stream"]  # [B, S, d]: residual after block `layer`, suffix only
+        base = lm.model.base_model
+        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
+
+    def _cache(self, keep_rows: torch.Tensor | None):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.model.config)
+        for i, (keys, values) in self.prefix_kv.items():
+            if keep_rows is not None:
+                keys, values = keys[keep_rows], values[keep_rows]
+            cache.update(keys, values, i)
+        return cache
+
+    def logits(self, stream: torch.Tensor, rows: torch.Tensor,
+               positions: torch.Tensor, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the later blocks on `stream` [b, S, d] (rows `keep_rows` of the batch) and
+        return logits [M, vocab] at (`rows`, `positions`) of that sub-batch (suffix frame)."""
+        hidden = stream
+        cache = self._cache(keep_rows)
+        for i, kwargs in zip(self.later, self.block_kwargs):
+            if keep_rows is not None:
+                kwargs = _select_rows(kwargs, keep_rows, self.batch_size)
+            kwargs = {**kwargs, "past_key_values": cache}
+            hidden = first_tensor(self.lm.block(i)(hidden, **kwargs))
+        return vocab_logits(self.lm.model, self.norm(hidden[rows, positions]))
+
+
+def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
+                          kl: TokenBatch, args: ValueArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one delta per edit at block `z_layer`.
+
+    `rewrite` rows are prefixed prompts + target (edit of row b: `rewrite_groups[b]`, rows of
+    one edit contiguous, the first row of each edit the bare prompt); `kl` has one
+    "{subject} is a" row per edit. Returns (z [E, d], z_init [E, d]): the target residual
+    stream and the unedited one at the bare prompt's subject token.
+    """
+    n_edits = kl.input_ids.shape[0]
+    n_rw = rewrite.input_ids.shape[0]
+    # One replay over rewrite rows and KL rows together: pad both to one width.
+    width = max(rewrite.input_ids.shape[1], kl.input_ids.shape[1])
+    joint = _concat(rewrite, kl, width)
+    replay = LayerReplay(lm, z_layer, joint)
+    groups = torch.cat([rewrite_groups, torch.arange(n_edits)]).to(joint.input_ids.device)
+    is_kl = torch.arange(joint.input_ids.shape[0], device=groups.device) >= n_rw
+
+    rows_all = torch.arange(joint.input_ids.shape[0], device=groups.device)
+    first_row = torch.searchsorted(rewrite_groups.to(groups.device).contiguous(),
+                                   torch.arange(n_edits, device=groups.device))
+    joint = replay.suffix  # positions from here on are in the suffix frame (lookup = 0)
+    z_init = replay.stream[first_row, joint.lookup[first_row]]  # [E, d]
+    max_norm = args.clamp_norm_factor * z_init.norm(dim=1)      # [E]
+
+    with torch.no_grad():
+        kl_rows = rows_all[is_kl]
+        kl_init = F.log_softmax(replay.logits(replay.stream, kl_rows, joint.last[kl_rows]), -1)
+
+    delta = torch.zeros_like(z_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=args.lr)
+    active = torch.ones(n_edits, dtype=torch.bool, device=groups.device)
+    for _ in range(args.steps):
+        keep = active[groups]                       # rows of edits still optimising
+        keep_rows = rows_all[keep]
+        sub_groups, sub_kl = groups[keep], is_kl[keep]
+        sub_lookup = joint.lookup[keep_rows]
+        b = len(keep_rows)
+        shift = torch.zeros_like(replay.stream[keep_rows]).index_put(
+            (torch.arange(b, device=groups.device), sub_lookup), delta[sub_groups])
+        stream = replay.stream[keep_rows] + shift
+
+        labels = joint.labels[keep_rows]
+        t_rows, t_pos = torch.nonzero(labels != -100, as_tuple=True)
+        k_rows = torch.nonzero(sub_kl).squeeze(1)
+        logits = replay.logits(stream, torch.cat([t_rows, k_rows]),
+                               torch.cat([t_pos, joint.last[keep_rows][k_rows]]),
+                               keep_rows=keep_rows)
+        target_logp = F.log_softmax(logits[: len(t_rows)], -1)
+        token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None]).squeeze(1)
+        row_nll = group_mean(token_nll[:, None], t_rows, b).squeeze(1)  # [b]
+        nll = group_mean(row_nll[:, None], sub_groups, n_edits).squeeze(1)  # mean over prompts
+
+        kl_logp = F.log_softmax(logits[len(t_rows):], -1)
+        kl_edits = sub_groups[k_rows]
+        kl_div = torch.zeros(n_edits, device=groups.device, dtype=kl_logp.dtype)
+        kl_div = kl_div.index_add(0, kl_edits, (kl_logp.exp() * (kl_logp - kl_init[kl_edits])).sum(-1))
+        decay = delta.pow(2).sum(1) / z_init.pow(2).sum(1)
+        loss_per_edit = nll + args.kl_factor * kl_div + args.weight_decay * decay
+
+        done = (nll.detach() < args.early_stop_nll) & active
+        active = active & ~done
+        if not active.any():
+            break
+        frozen = delta.detach().clone()
+        opt.zero_grad()
+        loss_per_edit[active].sum().backward()
+        opt.step()
+        with torch.no_grad():
+            delta[~active] = frozen[~active]
+            scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
+    return (z_init + delta).detach(), z_init
+
+
+def _concat(a: TokenBatch, b: TokenBatch, width: int) -> TokenBatch:
+    def pad(x, value):
+        return F.pad(x, (0, width - x.shape[1]), value=value)
+
+    return TokenBatch(
+        input_ids=torch.cat([pad(a.input_ids, 0), pad(b.input_ids, 0)]),
+        attention_mask=torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
+        lookup=torch.cat([a.lookup, b.lookup]),
+        labels=torch.cat([pad(a.labels, -100), pad(b.labels, -100)]),
+        last=torch.cat([a.last, b.last]),
+    )

