@@ -86,10 +86,15 @@ def pick_device(name: str) -> str:
     return name
 
 
+# Settings that change what is logged, not the edits: a run may resume with other values.
+NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
+                 "eval_max", "eval_batch_size", "fluency_samples", "fluency_tokens")
+
+
 def config_digest(cfg: StreamConfig) -> str:
-    """What must match for a checkpoint to be resumed (all but output/eval settings)."""
+    """What must match for a checkpoint to be resumed: everything that shapes the edits."""
     keep = to_dict(cfg)
-    for key in ("output_dir", "output_json", "run_name", "experiment", "device"):
+    for key in NOT_IN_DIGEST:
         keep.pop(key)
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -157,6 +162,7 @@ def run_stream(cfg: StreamConfig) -> dict:
             base["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
                                       cfg.fluency_tokens)
         state["baseline"] = base
+        _save({**state, "editor": editor.state_dict()}, ckpt_path)
 
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_id=state["run_id"], run_name=cfg.name) as run:

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tasks.editors.rls import RLSLayerState
+
+
+def closed_form(W0, anchor_cov, lam, mu, batches):
+    """(λI + μC0 + ΣKᵢᵀKᵢ)⁻¹(λW0 + μC0W0 + ΣKᵢᵀVᵢ), all in float64."""
+    d_k = W0.shape[0]
+    lhs = lam * torch.eye(d_k, dtype=torch.float64) + mu * anchor_cov
+    rhs = lam * W0 + mu * anchor_cov @ W0
+    for K, V in batches:
+        lhs = lhs + K.T @ K
+        rhs = rhs + K.T @ V
+    return torch.linalg.solve(lhs, rhs), torch.linalg.inv(lhs)
+
+
+def random_problem(d_k=24, d_v=16, n_anchor=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d_k, d_v, generator=gen, dtype=torch.float64)
+    K0 = torch.randn(n_anchor, d_k, generator=gen, dtype=torch.float64)
+    return W0, K0.T @ K0, gen
+
+
+@pytest.mark.parametrize("lam,mu,batch", [(1.0, 0.01, 1), (0.5, 0.1, 3), (1.0, 0.0, 5)])
+def test_recursion_equals_closed_form_after_hundreds_of_updates(lam, mu, batch):
+    W0, anchor_cov, gen = random_problem()
+    state = RLSLayerState.init(W0, anchor_cov, lam, mu)
+    batches = []
+    for _ in range(300):
+        K = torch.randn(batch, W0.shape[0], generator=gen, dtype=torch.float64)
+        V = torch.randn(batch, W0.shape[1], generator=gen, dtype=torch.float64)
+        state.update(K, V)
+        batches.append((K, V))
+    W_star, P_star = closed_form(W0, anchor_cov, lam, mu, batches)
+    assert state.n_updates == 300
+    torch.testing.assert_close(state.W, W_star, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(state.P, P_star, rtol=1e-8, atol=1e-10)
+    assert torch.equal(state.P, state.P.T), "P must stay exactly symmetric"
+
+
+def test_update_fits_its_batch_and_keeps_the_old_solution_nearby():
+    W0, anchor_cov, gen = random_problem()
+    state = RLSLayerState.init(W0, anchor_cov, lam=1e-4, mu=0.0)
+    K = torch.randn(2, W0.shape[0], generator=gen, dtype=torch.float64)
+    V = torch.randn(2, W0.shape[1], generator=gen, dtype=torch.float64)
+    state.update(K, V)
+    # with λ → 0 and no anchor term the new values are written almost exactly
+    torch.testing.assert_close(K @ state.W, V, rtol=1e-3, atol=1e-3)
+
+
+def _flops_of_one_update(state, gen):
+    K = torch.randn(4, state.W.shape[0], generator=gen, dtype=torch.float64)
+    V = torch.randn(4, state.W.shape[1], generator=gen, dtype=torch.float64)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        state.update(K, V)
+    return counter.get_total_flops()
+
+
+def test_update_cost_is_flat_in_history():
+    W0, anchor_cov, gen = random_problem(d_k=64, d_v=32)
+    state = RLSLayerState.init(W0, anchor_cov, lam=1.0, mu=0.01)
+    for _ in range(10):
+        state.update(torch.randn(4, 64, generator=gen, dtype=torch.float64),
+                     torch.randn(4, 32, generator=gen, dtype=torch.float64))
+    early = _flops_of_one_update(state, gen)
+    for _ in range(500):
+        state.update(torch.randn(4, 64, generator=gen, dtype=torch.float64),
+                     torch.randn(4, 32, generator=gen, dtype=torch.float64))
+    late = _flops_of_one_update(state, gen)
+    assert early > 0 and late == early
+    # and the state does not grow with the history
+    assert state.P.shape == (64, 64) and state.W.shape == (64, 32)
+
+
+def test_state_defaults_to_float64_and_can_be_float32():
+    W0, anchor_cov, _ = random_problem()
+    assert RLSLayerState.init(W0.float(), anchor_cov.float(), 1.0, 0.01).P.dtype == torch.float64
+    state32 = RLSLayerState.init(W0, anchor_cov, 1.0, 0.01, dtype=torch.float32)
+    assert state32.W.dtype == torch.float32 and state32.P.dtype == torch.float32
+
+
+def test_bad_inputs_give_clear_errors():
+    W0, anchor_cov, _ = random_problem()
+    state = RLSLayerState.init(W0, anchor_cov, 1.0, 0.01)
+    with pytest.raises(ValueError, match=r"K must be \[u, 24\]"):
+        state.update(torch.zeros(2, 5), torch.zeros(2, 16))
+    with pytest.raises(ValueError, match=r"V must be \[2, 16\]"):
+        state.update(torch.zeros(2, 24), torch.zeros(3, 16))
+    bad = torch.zeros(1, 24)
+    bad[0, 3] = float("nan")
+    W_before = state.W.clone()
+    with pytest.raises(ValueError, match="K holds 1 NaN/Inf"):
+        state.update(bad, torch.zeros(1, 16))
+    assert torch.equal(state.W, W_before), "a rejected update must leave the state untouched"
+    with pytest.raises(ValueError, match="anchor_cov must be"):
+        RLSLayerState.init(W0, anchor_cov[:3, :3], 1.0, 0.01)
+    with pytest.raises(ValueError, match="not positive definite"):
+        RLSLayerState.init(W0, torch.zeros(24, 24, dtype=torch.float64), 0.0, 0.0)
+
+
+def test_state_dict_round_trip():
+    W0, anchor_cov, gen = random_problem()
+    state = RLSLayerState.init(W0, anchor_cov, 1.0, 0.01)
+    state.update(torch.randn(3, 24, generator=gen, dtype=torch.float64),
+                 torch.randn(3, 16, generator=gen, dtype=torch.float64))
+    copy = RLSLayerState.from_state_dict(state.state_dict())
+    assert copy.n_updates == 1 and copy.n_keys == 3
+    assert torch.equal(copy.W, state.W) and torch.equal(copy.P, state.P)

@@ -1,0 +1,75 @@
+import torch
+
+from tasks.anchor import anchor_stats, read_corpus
+from tasks.data import parse_record
+from tasks.edit_step import apply_edit_batch, layer_weight
+from tasks.editors.rls import RLSArgs, RLSEditor
+from tasks.extract.keys import compute_keys
+from tasks.extract.prompts import kl_batch, rewrite_batch
+from tasks.extract.tokens import build_batch
+from tasks.extract.values import LayerReplay, ValueArgs, compute_target_values
+from tasks.metrics import continuation_scores, score_requests
+from tests.conftest import CORPUS
+
+TEMPLATES = ["{}", "News of the day. {}", "I think. {}"]
+
+
+def request(subject="Zorbia", prompt="Capital of Zorbia", target="Q", truth="Paris"):
+    return parse_record({"prompt": prompt, "subject": subject, "target_new": target,
+                         "ground_truth": truth, "rephrase_prompt": f"The capital city of {subject}",
+                         "locality_prompt": "Capital of France", "locality_ground_truth": truth})
+
+
+def test_batch_marks_subject_and_target_tokens(tiny):
+    batch = build_batch(tiny.tokenizer, ["Capital of Zorbia Q"], [len("Capital of Zorbia")],
+                        [len("Capital of Zorbia")])
+    ids = batch.input_ids[0]
+    assert tiny.tokenizer.decode(ids[: batch.lookup[0] + 1]) == "Capital of Zorbia"
+    rows, pos = batch.target_positions
+    assert tiny.tokenizer.decode(batch.labels[rows, pos]) == " Q"
+    assert batch.last[0] == len(ids) - 1 == len("Capital of Zorbia Q") - 2
+
+
+def test_keys_and_values_have_documented_shapes(tiny):
+    reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
+    rewrite, groups = rewrite_batch(tiny.tokenizer, reqs, TEMPLATES)
+    assert rewrite.input_ids.shape[0] == len(reqs) * len(TEMPLATES)
+    keys = compute_keys(tiny, 1, rewrite, groups, len(reqs))
+    assert keys.shape == (2, tiny.mlp_out(1).in_features)
+    z, z_init = compute_target_values(tiny, 1, rewrite, groups, kl_batch(tiny.tokenizer, reqs),
+                                      ValueArgs(steps=3))
+    assert z.shape == z_init.shape == (2, tiny.mlp_out(1).out_features)
+    assert not z.requires_grad and torch.isfinite(z).all()
+    assert not any(p.requires_grad or p.grad is not None for p in tiny.model.parameters())
+
+
+def test_layer_replay_matches_a_full_forward(tiny):
+    reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
+    rewrite, _ = rewrite_batch(tiny.tokenizer, reqs, TEMPLATES)
+    replay = LayerReplay(tiny, 1, rewrite)
+    rows, pos = rewrite.target_positions
+    fast = replay.logits(replay.stream, rows, pos - rewrite.lookup[rows])
+    full = tiny.model(input_ids=rewrite.input_ids,
+                      attention_mask=rewrite.attention_mask).logits[rows, pos]
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+
+
+def test_an_edit_makes_the_target_the_top_prediction(tiny):
+    from tasks.models import load_model
+
+    lm = load_model("tiny-llama")  # a private copy: this test edits weights
+    req = request()
+    stats = anchor_stats(lm, [1], read_corpus(CORPUS, 40))
+    editor = RLSEditor({1: layer_weight(lm, 1)}, {1: stats[1].cov}, RLSArgs(lam=1e-3, mu=1e-4))
+    target_first = lm.tokenizer(" Q")["input_ids"][0]
+    prompt = lm.tokenizer(req.prompt, return_tensors="pt")
+    assert lm.model(**prompt).logits[0, -1].argmax() != target_first
+    nll_before = continuation_scores(lm, [(req.prompt, req.target_new)])[0][0]
+    apply_edit_batch(lm, editor, [req], TEMPLATES, (1,), ValueArgs(steps=30, lr=2.0))
+    assert lm.model(**prompt).logits[0, -1].argmax() == target_first
+    nll_after = continuation_scores(lm, [(req.prompt, req.target_new)])[0][0]
+    assert nll_after < nll_before - 1.0
+    after = score_requests(lm, [req])[0]
+    assert after["efficacy"] == 1.0 and after["efficacy_token_acc"] >= 0.5
+    assert editor.states[1].n_updates == 1
+    torch.testing.assert_close(lm.mlp_out(1).weight.T.double(), editor.weight(1).float().double())

@@ -1,0 +1,47 @@
+import torch
+
+from tasks.anchor import AnchorArgs, anchor_stats, cached_anchor_stats, read_corpus
+from tests.conftest import CORPUS
+
+
+def test_shard_stats_sum_to_the_whole(tiny):
+    texts = read_corpus(CORPUS, 24)
+    whole = anchor_stats(tiny, [1, 2], texts, max_tokens=32, batch_size=8)
+    shards = [anchor_stats(tiny, [1, 2], texts[i:i + 10], max_tokens=32, batch_size=4)
+              for i in range(0, 24, 10)]
+    for layer in (1, 2):
+        summed = shards[0][layer] + shards[1][layer] + shards[2][layer]
+        assert summed.count == whole[layer].count > 24
+        torch.testing.assert_close(summed.cov, whole[layer].cov, rtol=1e-9, atol=1e-6)
+        cov = whole[layer].cov
+        assert cov.dtype == torch.float64 and cov.shape == (128, 128)
+        torch.testing.assert_close(cov, cov.T)
+
+
+def test_stats_match_keys_read_directly(tiny):
+    """Σ k kᵀ over the real tokens equals the covariance of the projection's inputs."""
+    texts = ["Oil prices rose on Monday.", "A short text"]
+    stats = anchor_stats(tiny, [2], texts, max_tokens=32)[2]
+    keys = []
+    for text in texts:
+        seen = {}
+        handle = tiny.mlp_out(2).register_forward_pre_hook(lambda m, i: seen.update(k=i[0]))
+        tiny.model(**tiny.tokenizer(text, return_tensors="pt"))
+        handle.remove()
+        keys.append(seen["k"][0].double())
+    keys = torch.cat(keys)
+    assert stats.count == keys.shape[0]
+    expected = keys.T @ keys  # float32 forwards of a padded batch vs one text: ~1e-5 apart
+    torch.testing.assert_close(stats.cov, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+
+
+def test_cache_is_reused_and_keyed_on_sample_count(tiny, isolated_stores):
+    args = AnchorArgs(corpus=str(CORPUS), n_texts=6, max_tokens=16)
+    first = cached_anchor_stats(tiny, [1], args, progress=False)[1]
+    files = list((isolated_stores / "cache" / "anchor" / "tiny-llama").glob("*.pt"))
+    assert len(files) == 1 and "-n6-t16" in files[0].name
+    again = cached_anchor_stats(tiny, [1], args, progress=False)[1]
+    assert torch.equal(first.cov, again.cov) and first.count == again.count
+    more = cached_anchor_stats(tiny, [1], AnchorArgs(corpus=str(CORPUS), n_texts=8,
+                                                     max_tokens=16), progress=False)[1]
+    assert more.count > first.count
