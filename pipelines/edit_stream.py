@@ -128,10 +128,10 @@ def run_stream(cfg: StreamConfig) -> dict:
     ckpt_path = out_dir / "checkpoint.pt"
     digest = config_digest(cfg)
 
+    editor_cls, _ = editor_class(cfg.editor)
     requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset)
     lm = load_model(cfg.model, device=pick_device(cfg.device))
     layers = lm.check_layers(cfg.layers if cfg.layers is not None else lm.spec.edit_layers)
-    editor_cls, _ = editor_class(cfg.editor)
     anchor = cached_anchor_stats(lm, list(layers), cfg.anchor)
     editor = editor_cls({l: layer_weight(lm, l) for l in layers},
                         {l: anchor[l].cov for l in layers}, cfg.rls)

@@ -31,3 +31,15 @@ def test_bad_layers_are_refused(tiny):
     with pytest.raises(ValueError, match="increasing and distinct"):
         tiny.check_layers([2, 1])
     assert tiny.check_layers([1, 2]) == (1, 2)
+
+
+def test_packaged_gguf_model_is_dequantised_once_then_loaded_from_the_cache(isolated_stores):
+    from tasks.models import cache_root
+
+    first = load_model("smollm2-135m")
+    cached = cache_root() / "models" / "smollm2-135m"
+    assert (cached / "config.json").exists() and list(cached.glob("*.safetensors"))
+    second = load_model("smollm2-135m")
+    assert first.num_layers == 30 and first.mlp_out(6).weight.shape == (576, 1536)
+    enc = first.tokenizer("The mother tongue of Danielle Darrieux is", return_tensors="pt")
+    torch.testing.assert_close(first.model(**enc).logits, second.model(**enc).logits)

@@ -1,0 +1,74 @@
+import json
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.config import ConfigError
+from pipelines.edit_stream import parse_args, run_stream
+from tests.conftest import CORPUS, EDIT_DATA, ROOT
+
+
+def tiny_args(tmp_path, *extra):
+    return ["--model", "tiny-llama", "--data", str(EDIT_DATA), "--num-edits", "6",
+            "--batch-size", "2", "--eval-every", "4", "--output-dir", str(tmp_path / "run"),
+            "--output-json", str(tmp_path / "summary.json"),
+            "--set", f"anchor.corpus={CORPUS}", "--set", "anchor.n_texts=20",
+            "--set", "values.steps=4", "--set", "values.n_prefixes=1",
+            "--set", "fluency_samples=2", "--set", "fluency_tokens=8", *extra]
+
+
+def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path):
+    cfg = parse_args(tiny_args(tmp_path, "--set", "experiment=stream-test"))
+    summary = run_stream(cfg)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["config"]["num_edits"] == 6 and saved["edit_layers"] == [1]
+    assert [h["edits"] for h in saved["history"]] == [4, 6]  # evaluated at 4 and at the end
+    assert saved["retention_first_k"] == 1
+    for key in ("efficacy", "generalization", "specificity", "retention_efficacy", "fluency"):
+        assert 0.0 <= saved["final"][key] <= 10.0
+        assert key in saved["unedited"]
+    assert saved["edits_per_second"] > 0
+
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model"] == "tiny-llama" and run.data.params["rls.mu"] == "0.01"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "efficacy")
+    assert [m.step for m in history] == [4, 6]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.json", "summary.json", "edited_layers.safetensors"} <= artifacts
+
+    weights = load_file(str(tmp_path / "run" / "edited_layers.safetensors"))
+    edited = weights["model.layers.1.mlp.down_proj.weight"]
+    from tasks.models import load_model
+    original = load_model("tiny-llama").mlp_out(1).weight
+    assert edited.shape == original.shape and not torch.equal(edited, original)
+
+
+def test_rerun_resumes_from_the_checkpoint(tmp_path):
+    args = tiny_args(tmp_path)
+    first = run_stream(parse_args(args))
+    again = run_stream(parse_args(args))  # finished run: nothing is edited twice
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["history"] == first["history"]
+    with pytest.raises(RuntimeError, match="different config"):
+        run_stream(parse_args(args + ["--set", "rls.mu=0.5"]))
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) rls.muu"):
+        parse_args(tiny_args(tmp_path, "--set", "rls.muu=0.1"))
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        parse_args(tiny_args(tmp_path, "--batch-size", "0"))
+    with pytest.raises(ValueError, match="unknown editor 'rome'"):
+        run_stream(parse_args(tiny_args(tmp_path, "--editor", "rome")))
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
+        run_stream(parse_args(tiny_args(tmp_path, "--model", "gpt-9")))
+    with pytest.raises(ValueError, match=r"edit layers \[7\] are not valid"):
+        run_stream(parse_args(tiny_args(tmp_path, "--layers", "7")))
+
+
+@pytest.mark.parametrize("name", ["stream-demo.yaml", "stream-1k.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / name)])
+    assert cfg.model == "smollm2-135m" and cfg.rls.lam == 1.0
