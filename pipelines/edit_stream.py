@@ -75,6 +75,10 @@ class StreamConfig:
             raise ValueError(f"retention_fraction must be in (0, 1], got {self.retention_fraction}")
 
     @property
+    def retention_k(self) -> int:
+        return max(1, int(round(self.retention_fraction * self.num_edits)))
+
+    @property
     def name(self) -> str:
         return self.run_name or (f"{self.model.replace('/', '_')}-{self.editor}-n{self.num_edits}"
                                  f"-b{self.batch_size}-s{self.seed}")
@@ -101,15 +105,17 @@ def config_digest(cfg: StreamConfig) -> str:
 
 def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dict[str, float]:
     """Metrics on the edits applied so far (all when final, else at most eval_max, evenly
-    spaced) and retention on the first `retention_fraction` of the stream."""
-    done = requests[:n_done]
-    if not final and len(done) > cfg.eval_max:
-        stride = len(done) / cfg.eval_max
-        done = [done[int(i * stride)] for i in range(cfg.eval_max)]
-    n_keep = max(1, int(round(cfg.retention_fraction * cfg.num_edits)))
-    early = requests[:min(n_keep, n_done)]
-    metrics = aggregate(score_requests(lm, done, cfg.eval_batch_size))
-    metrics.update(aggregate(score_requests(lm, early, cfg.eval_batch_size), "retention_"))
+    spaced) and retention: the same metrics on the first `retention_k` edits of the stream.
+    Each request is scored once even when it counts for both."""
+    picked = list(range(n_done))
+    if not final and n_done > cfg.eval_max:
+        picked = [int(i * n_done / cfg.eval_max) for i in range(cfg.eval_max)]
+    early = list(range(min(cfg.retention_k, n_done)))
+    union = sorted(set(picked) | set(early))
+    scores = dict(zip(union, score_requests(lm, [requests[i] for i in union],
+                                            cfg.eval_batch_size)))
+    metrics = aggregate([scores[i] for i in picked])
+    metrics.update(aggregate([scores[i] for i in early], "retention_"))
     return metrics
 
 
@@ -154,10 +160,7 @@ def run_stream(cfg: StreamConfig) -> dict:
                                                     cfg.values.prefix_tokens, cfg.seed)
     if state["baseline"] is None:
         log.info("scoring the unedited model on the %d edit requests", len(requests))
-        base = aggregate(score_requests(lm, requests, cfg.eval_batch_size))
-        n_keep = max(1, int(round(cfg.retention_fraction * cfg.num_edits)))
-        base.update(aggregate(score_requests(lm, requests[:n_keep], cfg.eval_batch_size),
-                              "retention_"))
+        base = evaluation(lm, requests, cfg, len(requests), final=True)
         if cfg.fluency_samples:
             base["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
                                       cfg.fluency_tokens)
@@ -205,7 +208,7 @@ def run_stream(cfg: StreamConfig) -> dict:
         summary = {
             "final": final,
             "unedited": state["baseline"],
-            "retention_first_k": max(1, int(round(cfg.retention_fraction * cfg.num_edits))),
+            "retention_first_k": cfg.retention_k,
             "edits_per_second": cfg.num_edits / state["edit_seconds"],
             "seconds_per_edit": state["edit_seconds"] / cfg.num_edits,
             "edit_layers": list(layers),
