@@ -24,6 +24,15 @@ class TokenBatch:
         return TokenBatch(*(getattr(self, f).to(device) for f in
                             ("input_ids", "attention_mask", "lookup", "labels", "last")))
 
+    def select(self, rows: torch.Tensor) -> "TokenBatch":
+        """The sub-batch of `rows` [b], trimmed to its own widest row."""
+        sub = TokenBatch(*(getattr(self, f)[rows] for f in
+                           ("input_ids", "attention_mask", "lookup", "labels", "last")))
+        width = int(sub.last.max()) + 1
+        sub.input_ids, sub.attention_mask = sub.input_ids[:, :width], sub.attention_mask[:, :width]
+        sub.labels = sub.labels[:, :width]
+        return sub
+
     @property
     def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, positions) of every teacher-forced target token, each [M]."""

@@ -171,18 +171,60 @@ def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups:
     one edit contiguous, the first row of each edit the bare prompt); `kl` has one
     "{subject} is a" row per edit. Returns (z [E, d], z_init [E, d]): the target residual
     stream and the unedited one at the bare prompt's subject token.
+
+    Edits do not interact (own delta, own loss, element-wise Adam), so they are optimised
+    in buckets of similar suffix length: a batch is only as wide as its longest suffix.
     """
+    n_edits = kl.input_ids.shape[0]
+    suffix_len = torch.zeros(n_edits, dtype=torch.long, device=rewrite_groups.device)
+    suffix_len.scatter_reduce_(0, rewrite_groups, rewrite.last - rewrite.lookup + 1, "amax")
+    z = torch.empty(n_edits, lm.model.config.hidden_size, device=kl.input_ids.device,
+                    dtype=lm.model.dtype)
+    z_init = torch.empty_like(z)
+    for bucket in length_buckets(suffix_len.tolist(), rows_per_edit=len(rewrite_groups) // n_edits):
+        edits = torch.tensor(bucket, device=rewrite_groups.device)
+        rows = torch.nonzero(torch.isin(rewrite_groups, edits)).squeeze(1)
+        local = torch.searchsorted(edits, rewrite_groups[rows])   # edit ids -> 0..len(bucket)-1
+        z[edits], z_init[edits] = _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
+                                                   kl.select(edits), args)
+    return z, z_init
+
+
+def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8) -> list[list[int]]:
+    """Split edits (sorted by suffix length) into contiguous buckets minimising
+    Σ rows × longest suffix, plus `row_overhead` row-equivalents per extra bucket."""
+    order = sorted(range(len(lengths)), key=lambda e: lengths[e])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n   # best[i]: cost of the first i edits
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            width = lengths[order[end - 1]]
+            cost = best[start] + (end - start) * rows_per_edit * width + row_overhead * width
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    buckets, end = [], n
+    while end > 0:
+        buckets.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return buckets[::-1]
+
+
+def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
+                     kl: TokenBatch, args: ValueArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """compute_target_values on one bucket (same arguments and results)."""
     n_edits = kl.input_ids.shape[0]
     n_rw = rewrite.input_ids.shape[0]
     # One replay over rewrite rows and KL rows together: pad both to one width.
     width = max(rewrite.input_ids.shape[1], kl.input_ids.shape[1])
     joint = _concat(rewrite, kl, width)
     replay = LayerReplay(lm, z_layer, joint)
-    groups = torch.cat([rewrite_groups, torch.arange(n_edits)]).to(joint.input_ids.device)
+    device = joint.input_ids.device
+    groups = torch.cat([rewrite_groups.to(device), torch.arange(n_edits, device=device)])
     is_kl = torch.arange(joint.input_ids.shape[0], device=groups.device) >= n_rw
 
     rows_all = torch.arange(joint.input_ids.shape[0], device=groups.device)
-    first_row = torch.searchsorted(rewrite_groups.to(groups.device).contiguous(),
+    first_row = torch.searchsorted(rewrite_groups.to(device).contiguous(),
                                    torch.arange(n_edits, device=groups.device))
     joint = replay.suffix  # positions from here on are in the suffix frame (lookup = 0)
     z_init = replay.stream[first_row, joint.lookup[first_row]]  # [E, d]

@@ -73,3 +73,27 @@ def test_an_edit_makes_the_target_the_top_prediction(tiny):
     assert after["efficacy"] == 1.0 and after["efficacy_token_acc"] >= 0.5
     assert editor.states[1].n_updates == 1
     torch.testing.assert_close(lm.mlp_out(1).weight.T.double(), editor.weight(1).float().double())
+
+
+def test_length_buckets_cover_every_edit_once():
+    from tasks.extract.values import length_buckets
+
+    lengths = [3, 3, 4, 9, 10, 3, 4, 12, 3, 5]
+    buckets = length_buckets(lengths, rows_per_edit=7)
+    assert sorted(e for b in buckets for e in b) == list(range(10))
+    assert len(buckets) > 1                      # short and long suffixes are kept apart
+    assert length_buckets([4] * 6, rows_per_edit=7) == [list(range(6))]
+
+
+def test_bucketed_values_equal_one_joint_optimisation(tiny):
+    from tasks.extract.values import _optimise_deltas
+
+    reqs = [request(), request("Mount Kelo", "Mount Kelo, a peak that lies in the state of",
+                               "Peru", "Chile"), request("Ovo", "Ovo", "B", "C")]
+    rewrite, groups = rewrite_batch(tiny.tokenizer, reqs, TEMPLATES)
+    kl = kl_batch(tiny.tokenizer, reqs)
+    args = ValueArgs(steps=5, lr=1.0)
+    z_buckets, init_buckets = compute_target_values(tiny, 1, rewrite, groups, kl, args)
+    z_joint, init_joint = _optimise_deltas(tiny, 1, rewrite, groups, kl, args)
+    torch.testing.assert_close(init_buckets, init_joint, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z_buckets, z_joint, rtol=1e-3, atol=1e-3)
