@@ -9,6 +9,7 @@ changes it: model, layer, corpus content, sample count, token cap.
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,8 @@ def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
         fresh = anchor_stats(lm, missing, texts, args.max_tokens, args.batch_size, progress)
         for layer, stats in fresh.items():
             files[layer].parent.mkdir(parents=True, exist_ok=True)
-            tmp = files[layer].with_suffix(".tmp")
+            tmp = files[layer].with_suffix(f".tmp{os.getpid()}")
             torch.save({"cov": stats.cov, "count": stats.count}, tmp)
-            tmp.rename(files[layer])
+            os.replace(tmp, files[layer])
         result.update(fresh)
     return {layer: result[layer] for layer in layers}

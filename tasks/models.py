@@ -170,12 +170,14 @@ def _load_gguf_cached(spec: ModelSpec):
     # "quantisation" marker is dropped; the weights are already dense float32.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    tmp = cached.with_name(cached.name + ".tmp")
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")  # processes may race here
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(cached, ignore_errors=True)
-    tmp.rename(cached)
+    try:
+        tmp.rename(cached)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
     return model, tok
 
 
