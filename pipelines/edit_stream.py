@@ -36,7 +36,7 @@ from tasks.editors.rls import RLSArgs
 from tasks.extract.prompts import make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.metrics import aggregate, fluency, score_requests
-from tasks.models import load_model
+from tasks.models import cache_root, load_model
 
 log = logging.getLogger("rlsedit.stream")
 DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
@@ -119,6 +119,27 @@ def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dic
     return metrics
 
 
+def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
+    """The unedited model's metrics on the stream's requests (and fluency), computed once
+    per model, data slice and evaluation settings, and cached on disk."""
+    key = json.dumps([cfg.model, str(Path(cfg.data).resolve()) if Path(cfg.data).exists()
+                      else cfg.data, cfg.offset, cfg.num_edits, cfg.retention_k,
+                      cfg.fluency_samples, cfg.fluency_tokens])
+    path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        return json.loads(path.read_text())["scores"]
+    log.info("scoring the unedited model on the %d edit requests", len(requests))
+    scores = evaluation(lm, requests, cfg, len(requests), final=True)
+    if cfg.fluency_samples:
+        scores["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
+                                    cfg.fluency_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "scores": scores}))
+    os.replace(tmp, path)
+    return scores
+
+
 def _save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -159,12 +180,7 @@ def run_stream(cfg: StreamConfig) -> dict:
         state["templates"] = make_context_templates(lm, cfg.values.n_prefixes,
                                                     cfg.values.prefix_tokens, cfg.seed)
     if state["baseline"] is None:
-        log.info("scoring the unedited model on the %d edit requests", len(requests))
-        base = evaluation(lm, requests, cfg, len(requests), final=True)
-        if cfg.fluency_samples:
-            base["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
-                                      cfg.fluency_tokens)
-        state["baseline"] = base
+        state["baseline"] = unedited_scores(lm, requests, cfg)
         _save({**state, "editor": editor.state_dict()}, ckpt_path)
 
     mlflow.set_experiment(cfg.experiment)

@@ -19,7 +19,7 @@ def tiny_args(tmp_path, *extra):
             "--set", "fluency_samples=2", "--set", "fluency_tokens=8", *extra]
 
 
-def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path):
+def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_stores):
     cfg = parse_args(tiny_args(tmp_path, "--set", "experiment=stream-test"))
     summary = run_stream(cfg)
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -37,6 +37,9 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path):
     assert [m.step for m in history] == [4, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.json", "summary.json", "edited_layers.safetensors"} <= artifacts
+
+    cached = list((isolated_stores / "cache" / "unedited").glob("*.json"))
+    assert cached and json.loads(cached[0].read_text())["scores"] == saved["unedited"]
 
     weights = load_file(str(tmp_path / "run" / "edited_layers.safetensors"))
     edited = weights["model.layers.1.mlp.down_proj.weight"]
