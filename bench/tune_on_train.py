@@ -43,14 +43,13 @@ def main():
                 "--set", "experiment=rlsedit-tune", "--set", f"run_name={name}"]))
         summary = json.loads(summary_path.read_text())
         rows.append((layer, lam, mu, summary))
-    header = "| layer | λ | μ | " + " | ".join(COLUMNS) + " | s/edit |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
+    header = "| layer | λ | μ | " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     unedited = rows[0][3]["unedited"]
-    lines.append("| unedited | | | " + " | ".join(f"{unedited[c]:.3f}" for c in COLUMNS) + " | |")
+    lines.append("| unedited | | | " + " | ".join(f"{unedited[c]:.3f}" for c in COLUMNS) + " |")
     for layer, lam, mu, s in rows:
         lines.append(f"| {layer} | {lam} | {mu} | "
-                     + " | ".join(f"{s['final'][c]:.3f}" for c in COLUMNS)
-                     + f" | {s['seconds_per_edit']:.2f} |")
+                     + " | ".join(f"{s['final'][c]:.3f}" for c in COLUMNS) + " |")
     table = "\n".join(lines)
     print(table)
     if opts.append:
