@@ -38,8 +38,8 @@ def test_stats_match_keys_read_directly(tiny):
 def test_cache_is_reused_and_keyed_on_sample_count(tiny, isolated_stores):
     args = AnchorArgs(corpus=str(CORPUS), n_texts=6, max_tokens=16)
     first = cached_anchor_stats(tiny, [1], args, progress=False)[1]
-    files = list((isolated_stores / "cache" / "anchor" / "tiny-llama").glob("*.pt"))
-    assert len(files) == 1 and "-n6-t16" in files[0].name
+    files = list((isolated_stores / "cache" / "anchor" / "tiny-llama").glob("L1-*-n6-t16.pt"))
+    assert len(files) == 1
     again = cached_anchor_stats(tiny, [1], args, progress=False)[1]
     assert torch.equal(first.cov, again.cov) and first.count == again.count
     more = cached_anchor_stats(tiny, [1], AnchorArgs(corpus=str(CORPUS), n_texts=8,
