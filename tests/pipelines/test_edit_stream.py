@@ -32,7 +32,7 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     assert saved["edits_per_second"] > 0
 
     run = mlflow.get_run(summary["mlflow_run_id"])
-    assert run.data.params["model"] == "tiny-llama" and run.data.params["rls.mu"] == "0.01"
+    assert run.data.params["model"] == "tiny-llama" and run.data.params["rls.mu"] == "0.001"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "efficacy")
     assert [m.step for m in history] == [4, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
