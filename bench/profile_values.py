@@ -6,10 +6,11 @@ optimisation buys, measured side by side in one process on the same edits.
 Variants (all with the same templates, steps, learning rate and loss):
 - plain:    full forward of all blocks with a hook adding the delta, logits at every
             position, fixed step count (the first version's design);
-- replay:   only blocks after the edit layer are re-run, logits only where scored;
+- replay:   only blocks after the edit layer are re-run, logits only where scored, edits
+            grouped in buckets of similar suffix length;
 - +prefix:  the prefix before the subject's last token enters as a key/value cache;
 - +stop:    edits leave the batch once their target NLL < 5e-2 (the shipped code).
-Each at batch size 1 and 10. Prints seconds per edit and appends a table to
+Each at the batch sizes given (default 1 and 10). Prints seconds per edit and appends a table to
 docs/benchmarks.md with --append.
 """
 
@@ -97,6 +98,7 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
     parser.add_argument("--edits", type=int, default=20)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--append", action="store_true")
     opts = parser.parse_args()
     torch.manual_seed(0)
@@ -108,7 +110,7 @@ def main():
     never_stop = replace(base, early_stop_nll=-1.0)
     rows = []
     real_split = values_mod.split_at_lookup
-    for batch_size in (1, 10):
+    for batch_size in opts.batch_sizes:
         for name, args, split in [("plain", never_stop, real_split),
                                   ("replay", never_stop, None),
                                   ("replay+prefix", never_stop, real_split),
@@ -132,7 +134,7 @@ def main():
                     f"counterfact-train.json ({platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads)\n\n"
                     f"`python -m bench.profile_values --model {opts.model} --edits {opts.edits} "
-                    f"--append`\n\n{text}\n")
+                    f"--batch-sizes {' '.join(map(str, opts.batch_sizes))} --append`\n\n{text}\n")
 
 
 def _no_prefix(batch, real_split):
