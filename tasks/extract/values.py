@@ -3,14 +3,18 @@
 As in MEMIT's `compute_z`: one delta per edit is added to the residual stream after block
 `z_layer` at the subject's last token of every prefixed prompt, and optimised with Adam so
 that the prompts continue with `target_new`, with a KL term that keeps the distribution
-after "{subject} is a", a weight decay on the delta and a norm clamp. Early stop per edit on the target NLL.
+after "{subject} is a", a weight decay on the delta and a norm clamp; an edit stops once
+its target NLL is small.
 
-Hot path, so the forward is split once:
-- one no-grad pass over all rows records the residual stream after block `z_layer` and
-  the keyword arguments every later block is called with (mask, rotary embeddings);
-- each Adam step replays only blocks `z_layer+1 ..` on that cached stream plus the delta,
-  and projects to the vocabulary only at the positions that are scored.
-No parameter needs a gradient; only the deltas do. Converged edits leave the batch.
+Hot path (docs/benchmarks.md measures each step):
+- each row is cut at its subject's last token; the prefix before it cannot see the delta,
+  so it goes through the model once and enters every step as a key/value cache;
+- one no-grad pass over the suffixes records the residual stream after block `z_layer`
+  and the keyword arguments every later block is called with (mask, rotary embeddings);
+- each Adam step replays only blocks `z_layer+1 ..` on that stream plus the delta, and
+  projects to the vocabulary only at the positions that are scored;
+- edits are optimised in buckets of similar suffix length; converged edits leave the batch.
+No parameter needs a gradient; only the deltas do.
 """
 
 from __future__ import annotations
