@@ -28,6 +28,8 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
     parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--checkpoint", nargs="*", default=[],
+                        help="edit-stream checkpoints whose current P to evaluate too")
     parser.add_argument("--append", action="store_true")
     opts = parser.parse_args()
     lm = load_model(opts.model)
@@ -44,6 +46,12 @@ def main():
         precision.diagonal().add_(lam)
         quad = (keys @ torch.linalg.inv(precision) * keys).sum(1)
         lines.append(f"| {lam} | {mu} | {quad.mean():.2f} | {(quad / (1 + quad)).mean():.3f} |")
+    for path in opts.checkpoint:
+        state = torch.load(path, weights_only=False)
+        rls = state["editor"][layer]
+        quad = (keys @ rls["P"] * keys).sum(1)
+        lines.append(f"| after {state['position']} edits of {path} | | {quad.mean():.2f} | "
+                     f"{(quad / (1 + quad)).mean():.3f} |")
     table = "\n".join(lines)
     note = (f"{len(requests)} edit keys of {opts.data.split('/')[-1]}, layer {layer}, anchor "
             f"statistics over {anchor.count} AG News tokens (mean key ‖k‖² "
@@ -54,7 +62,9 @@ def main():
     if opts.append:
         with open("docs/benchmarks.md", "a") as f:
             f.write(f"\n### Share of each edit that one RLS update writes, {opts.model}\n\n"
-                    f"`python -m bench.write_fraction --edits {opts.edits} --append`: {note}.\n\n"
+                    f"`python -m bench.write_fraction --edits {opts.edits}"
+                    f"{' --checkpoint ' + ' '.join(opts.checkpoint) if opts.checkpoint else ''}"
+                    f" --append`: {note}.\n\n"
                     f"{table}\n")
 
 
