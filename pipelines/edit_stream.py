@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tasks.editors import editor_class
 from tasks.editors.rls import RLSArgs
 from tasks.extract.prompts import make_context_templates
 from tasks.extract.values import ValueArgs
+from tasks.files import write_atomically
 from tasks.metrics import aggregate, fluency, score_requests
 from tasks.models import cache_root, load_model
 
@@ -133,17 +133,12 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
     if cfg.fluency_samples:
         scores["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
                                     cfg.fluency_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "scores": scores}))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "scores": scores})))
     return scores
 
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def run_stream(cfg: StreamConfig) -> dict:

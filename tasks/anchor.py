@@ -9,7 +9,6 @@ changes it: model, layer, corpus content, sample count, token cap.
 from __future__ import annotations
 
 import hashlib
-import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.extract.hooks import StopForward
+from tasks.files import write_atomically
 from tasks.models import cache_root
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,7 @@ def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
         log.info("anchor stats for layers %s over %d texts of %s", missing, len(texts), corpus)
         fresh = anchor_stats(lm, missing, texts, args.max_tokens, args.batch_size, progress)
         for layer, stats in fresh.items():
-            files[layer].parent.mkdir(parents=True, exist_ok=True)
-            tmp = files[layer].with_suffix(f".tmp{os.getpid()}")
-            torch.save({"cov": stats.cov, "count": stats.count}, tmp)
-            os.replace(tmp, files[layer])
+            write_atomically(files[layer], lambda tmp, stats=stats: torch.save(
+                {"cov": stats.cov, "count": stats.count}, tmp))
         result.update(fresh)
     return {layer: result[layer] for layer in layers}

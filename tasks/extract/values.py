@@ -202,8 +202,8 @@ def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8
     best = [0.0] + [float("inf")] * n   # best[i]: cost of the first i edits
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
+        width = lengths[order[end - 1]]   # the longest suffix of any bucket ending here
         for start in range(end):
-            width = lengths[order[end - 1]]
             cost = best[start] + (end - start) * rows_per_edit * width + row_overhead * width
             if cost < best[end]:
                 best[end], cut[end] = cost, start

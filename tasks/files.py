@@ -1,0 +1,17 @@
+"""Atomic file writes for caches and checkpoints shared by several processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a per-process temporary file beside `path`, then rename it over
+    `path`, so readers never see a half-written file and writers never share a temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
