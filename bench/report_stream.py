@@ -13,6 +13,12 @@ ROWS = ("efficacy", "generalization", "specificity", "efficacy_token_acc",
         "generalization_token_acc", "specificity_token_acc", "fluency")
 
 
+def _settings(summary: dict) -> str:
+    settings = {k: v for k, v in summary["editor_settings"].items()
+                if k not in ("name", "kind", "dtype")}
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("summary")
@@ -22,8 +28,7 @@ def main():
     cfg, final, base = s["config"], s["final"], s["unedited"]
     k = s["retention_first_k"]
     lines = [f"\n### {cfg['editor']} on {cfg['model']}: {cfg['num_edits']} sequential edits "
-             f"(batch {cfg['batch_size']}, layers {s['edit_layers']}, λ={cfg['rls']['lam']}, "
-             f"μ={cfg['rls']['mu']}) of {cfg['data'].split('/')[-1]}\n",
+             f"(batch {cfg['batch_size']}, layers {s['edit_layers']}, {_settings(s)}) of {cfg['data'].split('/')[-1]}\n",
              f"`{opts.command}`\n",
              f"| metric | unedited | after {cfg['num_edits']} edits | first {k} edits: unedited"
              f" | first {k} edits: after all (retention) |", "|---|---|---|---|---|"]

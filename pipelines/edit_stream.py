@@ -3,7 +3,7 @@
     python -m pipelines.edit_stream --model smollm2-135m --editor rlsedit \\
         --data ../shared/data/counterfact/counterfact-edit.json --num-edits 100 \\
         --batch-size 10 --eval-every 50 --output-json runs/summary.json
-    python -m pipelines.edit_stream --config pipelines/configs/stream-smoke.yaml --set rls.mu=0.1
+    python -m pipelines.edit_stream --config pipelines/configs/stream-demo.yaml --set editor_args.mu=0.1
 
 Evaluates every `eval_every` edits (edits so far, at most `eval_max` of them, and the
 first `retention_fraction` of the stream), logs to MLflow with step = edits applied,
@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.config import from_dict, load_yaml, set_override, to_dict
+from tasks.config import from_dict, load_yaml, set_override, to_dict
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.data import load_requests
 from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
-from tasks.editors import editor_class
-from tasks.editors.rls import RLSArgs
+from tasks.editors import build_editor, resolve_editor
 from tasks.extract.prompts import make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
@@ -45,7 +44,8 @@ DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
 @dataclass
 class StreamConfig:
     model: str = "smollm2-135m"
-    editor: str = "rlsedit"
+    editor: str = "rlsedit"         # a name from tasks/editors/editors.yaml
+    editor_args: dict = field(default_factory=dict)  # overrides of that editor's settings
     data: str = DEFAULT_DATA
     offset: int = 0                 # first record of `data` to edit
     num_edits: int = 100
@@ -54,6 +54,7 @@ class StreamConfig:
     eval_every: int = 50            # edits between evaluations (and checkpoints)
     eval_max: int = 200             # intermediate evaluations score at most this many edits
     retention_fraction: float = 0.1  # retention = metrics of the first 10% after all edits
+    retention_edits: int | None = None  # or of exactly this many first edits
     fluency_samples: int = 50       # edit prompts generated from for fluency (0: skip)
     fluency_tokens: int = 50
     eval_batch_size: int = 32
@@ -63,7 +64,6 @@ class StreamConfig:
     output_json: str | None = None
     experiment: str = "rlsedit-stream"
     run_name: str | None = None
-    rls: RLSArgs = field(default_factory=RLSArgs)
     values: ValueArgs = field(default_factory=ValueArgs)
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
 
@@ -76,6 +76,8 @@ class StreamConfig:
 
     @property
     def retention_k(self) -> int:
+        if self.retention_edits is not None:
+            return max(1, min(int(self.retention_edits), self.num_edits))
         return max(1, int(round(self.retention_fraction * self.num_edits)))
 
     @property
@@ -100,6 +102,7 @@ def config_digest(cfg: StreamConfig) -> str:
     keep = to_dict(cfg)
     for key in NOT_IN_DIGEST:
         keep.pop(key)
+    keep["editor_args"] = resolve_editor(cfg.editor, cfg.editor_args)[2]  # registry edits count
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,13 +153,13 @@ def run_stream(cfg: StreamConfig) -> dict:
     ckpt_path = out_dir / "checkpoint.pt"
     digest = config_digest(cfg)
 
-    editor_cls, _ = editor_class(cfg.editor)
+    editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # fails early on a typo
     requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset)
     lm = load_model(cfg.model, device=pick_device(cfg.device))
     layers = lm.check_layers(cfg.layers if cfg.layers is not None else lm.spec.edit_layers)
     anchor = cached_anchor_stats(lm, list(layers), cfg.anchor)
-    editor = editor_cls({l: layer_weight(lm, l) for l in layers},
-                        {l: anchor[l].cov for l in layers}, cfg.rls)
+    editor = build_editor(cfg.editor, {l: layer_weight(lm, l) for l in layers},
+                          anchor, cfg.editor_args)
 
     state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
              "digest": digest, "baseline": None, "templates": None}
@@ -183,8 +186,9 @@ def run_stream(cfg: StreamConfig) -> dict:
         if state["run_id"] is None:
             state["run_id"] = run.info.run_id
             mlflow.log_params(_flatten(to_dict(cfg)))
+            mlflow.log_params(_flatten(editor_settings, "editor."))
             mlflow.log_param("edit_layers", list(layers))
-            mlflow.log_dict(to_dict(cfg), "config.json")
+            mlflow.log_dict({**to_dict(cfg), "editor_settings": editor_settings}, "config.json")
             mlflow.log_dict({"templates": state["templates"]}, "context_templates.json")
             mlflow.log_metrics({f"unedited_{k}": v for k, v in state["baseline"].items()}, step=0)
         progress = tqdm(total=cfg.num_edits, initial=state["position"], desc=f"{cfg.editor} edits",
@@ -225,6 +229,7 @@ def run_stream(cfg: StreamConfig) -> dict:
             "edit_layers": list(layers),
             "history": state["history"],
             "config": to_dict(cfg),
+            "editor_settings": editor_settings,
             "mlflow_run_id": state["run_id"],
         }
         from safetensors.torch import save_file
@@ -263,7 +268,7 @@ def parse_args(argv=None) -> StreamConfig:
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag)
     parser.add_argument("--layers", help="comma-separated edit layers, e.g. 6 or 4,5,6")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. rls.mu=0.1 (repeatable)")
+                        help="override any config key, e.g. editor_args.mu=0.1 (repeatable)")
     args = parser.parse_args(argv)
     data = load_yaml(args.config) if args.config else {}
     for flag, key in CLI_FLAGS.items():

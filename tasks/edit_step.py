@@ -1,14 +1,22 @@
-"""One step of an edit stream: keys and target values for a batch, the editor's update,
-the new weights written into the model. Shared by every editor."""
+"""One step of an edit stream: what the editor needs for a batch, the editor's update, the
+new weights written into the model. Shared by every editor.
+
+Key/value editors (RLSEdit, MEMIT, AlphaEdit) get the same keys and target values from
+`tasks/extract`; loss editors (FT) get the batch's target-token loss as a function of the
+edit layers' weights.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tasks.data import EditRequest
-from tasks.extract.keys import block_outputs_at, compute_keys
+from tasks.extract.hooks import replace_linear_weights
+from tasks.extract.keys import block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
+from tasks.models import vocab_logits
 
 
 def layer_weight(lm, layer: int) -> torch.Tensor:
@@ -24,8 +32,16 @@ def write_weight(lm, layer: int, W: torch.Tensor) -> None:
 
 def apply_edit_batch(lm, editor, requests: list[EditRequest], templates: list[str],
                      layers: tuple[int, ...], value_args: ValueArgs) -> dict[str, float]:
-    """Edit `requests` into `lm` in place through `editor`, spreading the residual over
-    `layers` as MEMIT does (layer i of n takes 1/(n-i) of what is still missing)."""
+    """Edit `requests` into `lm` in place through `editor`; returns what changed:
+    `update_norm_L{l}` = ||ΔW||_F per layer, and the size of the requested change."""
+    if editor.needs == "loss":
+        return _fine_tune_batch(lm, editor, requests, layers)
+    return _key_value_batch(lm, editor, requests, templates, layers, value_args)
+
+
+def _key_value_batch(lm, editor, requests, templates, layers, value_args) -> dict[str, float]:
+    """Keys and target values, the residual spread over `layers` as MEMIT does (layer i of
+    n takes 1/(n-i) of what is still missing at the last layer)."""
     device = lm.model.device
     rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
     rewrite, groups = rewrite.to(device), groups.to(device)
@@ -40,6 +56,33 @@ def apply_edit_batch(lm, editor, requests: list[EditRequest], templates: list[st
         W = editor.weight(layer)
         residual = (z - z_now).to(W.dtype) / (len(layers) - i)              # [E, d_v]
         values = keys.to(W.dtype) @ W + residual
-        editor.update(layer, keys, values)
+        delta_W = editor.update(layer, keys, values)
         write_weight(lm, layer, editor.weight(layer))
+        stats[f"update_norm_L{layer}"] = float(delta_W.norm())
+    return stats
+
+
+def _fine_tune_batch(lm, editor, requests, layers) -> dict[str, float]:
+    """The loss editor's update on the mean teacher-forced NLL of " target_new" after each
+    bare edit prompt."""
+    batch, _ = rewrite_batch(lm.tokenizer, requests, ["{}"])
+    batch = batch.to(lm.model.device)
+    rows, positions = batch.target_positions
+    labels = batch.labels[rows, positions]
+    linears = {layer: lm.mlp_out(layer) for layer in layers}
+
+    def loss_of(weights: dict[int, torch.Tensor]) -> torch.Tensor:
+        with replace_linear_weights(linears, weights):
+            hidden = lm.model.base_model(input_ids=batch.input_ids,
+                                         attention_mask=batch.attention_mask,
+                                         use_cache=False).last_hidden_state
+        logp = F.log_softmax(vocab_logits(lm.model, hidden[rows, positions]), -1)
+        token_nll = -logp.gather(1, labels[:, None])                         # [M, 1]
+        return group_mean(token_nll, rows, len(requests)).mean()
+
+    deltas = editor.update(loss_of)
+    for layer in layers:
+        write_weight(lm, layer, editor.weight(layer))
+    stats = {"ft_loss": editor.last_loss}
+    stats.update({f"update_norm_L{layer}": float(d.norm()) for layer, d in deltas.items()})
     return stats

@@ -22,11 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
-        raise ValueError(f"{name} holds {bad} NaN/Inf values; refusing to update the editor state")
+from tasks.editors.base import check_batch, check_finite
 
 
 @dataclass
@@ -48,8 +44,8 @@ class RLSLayerState:
                              f"got {tuple(anchor_cov.shape)}")
         if lam < 0 or mu < 0:
             raise ValueError(f"lam and mu must be non-negative, got lam={lam}, mu={mu}")
-        _check_finite("W0", W0)
-        _check_finite("anchor_cov", anchor_cov)
+        check_finite("W0", W0)
+        check_finite("anchor_cov", anchor_cov)
         W = W0.detach().to(dtype).clone()
         precision = mu * anchor_cov.detach().to(device=W.device, dtype=dtype)
         precision.diagonal().add_(lam)
@@ -64,13 +60,7 @@ class RLSLayerState:
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values. Returns ΔW [d_k, d_v]."""
-        d_k, d_v = self.W.shape
-        if K.dim() != 2 or K.shape[1] != d_k:
-            raise ValueError(f"K must be [u, {d_k}], got {tuple(K.shape)}")
-        if V.shape != (K.shape[0], d_v):
-            raise ValueError(f"V must be [{K.shape[0]}, {d_v}] to match K, got {tuple(V.shape)}")
-        _check_finite("K", K)
-        _check_finite("V", V)
+        check_batch(K, V, *self.W.shape)
         K = K.to(self.W)
         V = V.to(self.W)
         KP = K @ self.P                                     # [u, d_k]
@@ -84,8 +74,8 @@ class RLSLayerState:
         gain_t = torch.cholesky_solve(KP, chol)             # Gᵀ = S⁻¹ K P, [u, d_k]
         delta_W = gain_t.T @ (V - K @ self.W)               # [d_k, d_v]
         P = self.P - gain_t.T @ KP
-        _check_finite("updated P", P)
-        _check_finite("updated W", delta_W)
+        check_finite("updated P", P)
+        check_finite("updated W", delta_W)
         self.P = (P + P.T) / 2
         self.W = self.W + delta_W
         self.n_updates += 1
@@ -105,22 +95,21 @@ class RLSLayerState:
 class RLSArgs:
     """RLSEdit's regularisers. lam: pull towards W0; mu: weight of the raw anchor K0ᵀK0."""
 
-    lam: float = 1.0
-    mu: float = 0.001     # chosen on counterfact-train.json (docs/benchmarks.md)
+    lam: float
+    mu: float
     dtype: str = "float64"  # state precision; float32 drifts over long streams
 
 
 class RLSEditor:
     """RLSEdit over several layers: one `RLSLayerState` per edited layer."""
 
-    name = "rlsedit"
+    needs = "keys_values"
 
-    def __init__(self, weights: dict[int, torch.Tensor], anchor_covs: dict[int, torch.Tensor],
-                 args: RLSArgs):
-        """`weights[l]` is W0 [d_k, d_v] of layer l, `anchor_covs[l]` its K0ᵀK0 [d_k, d_k]."""
+    def __init__(self, weights: dict[int, torch.Tensor], anchors: dict, args: RLSArgs):
+        """`weights[l]` is W0 [d_k, d_v] of layer l, `anchors[l].cov` its raw K0ᵀK0 [d_k, d_k]."""
         dtype = getattr(torch, args.dtype)
         self.args = args
-        self.states = {layer: RLSLayerState.init(W0, anchor_covs[layer], args.lam, args.mu, dtype)
+        self.states = {layer: RLSLayerState.init(W0, anchors[layer].cov, args.lam, args.mu, dtype)
                        for layer, W0 in weights.items()}
 
     def weight(self, layer: int) -> torch.Tensor:

@@ -41,3 +41,23 @@ def run_until(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except StopForward:
         return None
+
+
+@contextmanager
+def replace_linear_weights(linears: dict[int, torch.nn.Linear], weights: dict[int, torch.Tensor]):
+    """Inside the block, `linears[l]` computes x @ weights[l] (+ bias) instead of its own
+    weight, W [d_in, d_out] in the K W ≈ V convention: gradients reach `weights`."""
+
+    def make_hook(linear, W):
+        def hook(_module, inputs, _output):
+            out = inputs[0] @ W.to(inputs[0].dtype)
+            return out + linear.bias if linear.bias is not None else out
+        return hook
+
+    handles = [linears[l].register_forward_hook(make_hook(linears[l], W))
+               for l, W in weights.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

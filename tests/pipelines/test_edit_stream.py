@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.config import ConfigError
+from tasks.config import ConfigError
 from pipelines.edit_stream import parse_args, run_stream
 from tests.conftest import CORPUS, EDIT_DATA, ROOT
 
@@ -32,7 +32,7 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     assert saved["edits_per_second"] > 0
 
     run = mlflow.get_run(summary["mlflow_run_id"])
-    assert run.data.params["model"] == "tiny-llama" and run.data.params["rls.mu"] == "0.001"
+    assert run.data.params["model"] == "tiny-llama" and run.data.params["editor.mu"] == "0.001"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "efficacy")
     assert [m.step for m in history] == [4, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -55,12 +55,14 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path):
     assert again["mlflow_run_id"] == first["mlflow_run_id"]
     assert again["history"] == first["history"]
     with pytest.raises(RuntimeError, match="different config"):
-        run_stream(parse_args(args + ["--set", "rls.mu=0.5"]))
+        run_stream(parse_args(args + ["--set", "editor_args.mu=0.5"]))
 
 
 def test_config_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) rls.muu"):
-        parse_args(tiny_args(tmp_path, "--set", "rls.muu=0.1"))
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) valuse"):
+        parse_args(tiny_args(tmp_path, "--set", "valuse.steps=3"))
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) editor_args.muu"):
+        run_stream(parse_args(tiny_args(tmp_path, "--set", "editor_args.muu=0.1")))
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         parse_args(tiny_args(tmp_path, "--batch-size", "0"))
     with pytest.raises(ValueError, match="unknown editor 'rome'"):
@@ -74,4 +76,18 @@ def test_config_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("name", ["stream-demo.yaml", "stream-1k.yaml"])
 def test_shipped_configs_parse(name):
     cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / name)])
-    assert cfg.model == "smollm2-135m" and cfg.rls.lam == 1.0
+    assert cfg.model == "smollm2-135m" and cfg.editor == "rlsedit"
+
+
+@pytest.mark.parametrize("editor,extra", [
+    ("memit", []), ("ft", []),
+    ("alphaedit", ["--set", "editor_args.nullspace_threshold=1.0e+9"]),  # tiny: no small eigenvalues
+])
+def test_baselines_run_through_the_same_stream(tmp_path, editor, extra):
+    summary = run_stream(parse_args(tiny_args(tmp_path, "--editor", editor,
+                                              "--set", f"run_name=tiny-{editor}", *extra)))
+    assert summary["editor_settings"]["name"] == editor
+    assert [h["edits"] for h in summary["history"]] == [4, 6]
+    assert summary["history"][-1]["update_norm_L1"] > 0
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["editor.kind"] == editor

@@ -1,0 +1,79 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the anchor keys.
+
+Convention K W ≈ V, W [d_k, d_v]. With C = K0ᵀK0 / n0 the mean anchor covariance, the
+projector P̂ = U₀U₀ᵀ [d_k, d_k] spans the eigenvectors of C whose eigenvalues are below
+`nullspace_threshold`. For a batch K [u, d_k], residuals R = V − K W [u, d_v] and the keys
+of all past edits accumulated as C_past = Σ K_iᵀK_i, the update is
+
+    (P̂ (KᵀK + C_past) + l2·I) ΔW = P̂ Kᵀ R
+
+whose solution lies in the range of P̂, so K0 ΔW ≈ 0: the anchor keys' outputs stay put.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tasks.editors.base import KeyValueEditor
+
+
+@dataclass
+class AlphaEditArgs:
+    nullspace_threshold: float   # eigenvalues of the mean anchor covariance below this span P̂
+    l2: float                    # weight of ||ΔW||² (AlphaEdit: L2)
+    dtype: str = "float64"
+
+
+def null_space_projector(mean_cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P̂ [d_k, d_k]: projector onto the eigenvectors of `mean_cov` [d_k, d_k] with
+    eigenvalue < `threshold` (the near-null space of the anchor keys)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(mean_cov)
+    basis = eigenvectors[:, eigenvalues < threshold]        # [d_k, r]
+    return basis @ basis.T
+
+
+def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, projector: torch.Tensor,
+                    past_cov: torch.Tensor, l2: float) -> torch.Tensor:
+    """ΔW [d_k, d_v] solving (P̂(KᵀK + past_cov) + l2 I) ΔW = P̂ Kᵀ R."""
+    lhs = projector @ (K.T @ K + past_cov)
+    lhs.diagonal().add_(l2)
+    return torch.linalg.solve(lhs, projector @ (K.T @ R))
+
+
+class AlphaEditEditor(KeyValueEditor):
+    """AlphaEdit per layer: weights, the null-space projector and the past edits' KᵀK."""
+
+    def __init__(self, weights, anchors, args: AlphaEditArgs):
+        super().__init__(weights, args.dtype)
+        if args.l2 <= 0:
+            raise ValueError(f"l2 must be positive (the solve needs it), got {args.l2}")
+        self.args = args
+        self.projector = {layer: null_space_projector(
+            (anchors[layer].cov / anchors[layer].count).to(self.dtype), args.nullspace_threshold)
+            for layer in weights}
+        self.past_cov = {layer: torch.zeros_like(self.projector[layer]) for layer in weights}
+        for layer in weights:
+            if self.null_space_dim(layer) == 0:
+                smallest = torch.linalg.eigvalsh(anchors[layer].cov / anchors[layer].count)[0]
+                raise ValueError(
+                    f"layer {layer}: no eigenvalue of the mean anchor covariance is below "
+                    f"nullspace_threshold={args.nullspace_threshold} (the smallest is "
+                    f"{float(smallest):.3g}), so AlphaEdit could write nothing; raise the threshold")
+
+    def null_space_dim(self, layer: int) -> int:
+        return int(round(float(self.projector[layer].trace())))
+
+    def delta(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return alphaedit_delta(K, V - K @ self.W[layer], self.projector[layer],
+                               self.past_cov[layer], self.args.l2)
+
+    def after_update(self, layer: int, K: torch.Tensor) -> None:
+        self.past_cov[layer] = self.past_cov[layer] + K.T @ K
+
+    def extra_state(self) -> dict:
+        return {"past_cov": dict(self.past_cov)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.past_cov = {int(layer): c for layer, c in state["past_cov"].items()}
