@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -33,8 +34,29 @@ def from_dict(cls, data: dict | None, where: str = ""):
                 raise ConfigError(f"config key {where}{name} must be a mapping, got {value!r}")
             kwargs[name] = from_dict(hint, value, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(where + name, hint, value)
     return cls(**kwargs)
+
+
+def _coerce(key: str, hint, value):
+    """Numbers for number fields: YAML reads `5e-4` (no dot) as a string, `1` as an int."""
+    if value is None or isinstance(value, bool):
+        return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        allowed = [t for t in typing.get_args(hint) if t is not type(None)]
+    else:
+        allowed = [hint]
+    for number in (int, float):
+        if allowed == [number] and not isinstance(value, number):
+            try:
+                as_number = number(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config key {key} must be {number.__name__}, "
+                                  f"got {value!r}") from None
+            if number is int and isinstance(value, float) and as_number != value:
+                raise ConfigError(f"config key {key} must be int, got {value!r}")
+            return as_number
+    return value
 
 
 def to_dict(cfg) -> dict:

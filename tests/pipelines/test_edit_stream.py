@@ -91,3 +91,14 @@ def test_baselines_run_through_the_same_stream(tmp_path, editor, extra):
     assert summary["history"][-1]["update_norm_L1"] > 0
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["editor.kind"] == editor
+
+
+def test_numbers_are_coerced_and_non_numbers_refused(tmp_path):
+    from tasks.editors import resolve_editor
+
+    _, args, _ = resolve_editor("ft", {"norm_bound": "5e-4", "steps": 10.0})
+    assert args.norm_bound == 5e-4 and isinstance(args.steps, int)
+    with pytest.raises(ConfigError, match=r"editor_args.norm_bound must be float, got 'big'"):
+        resolve_editor("ft", {"norm_bound": "big"})
+    with pytest.raises(ConfigError, match=r"num_edits must be int, got 2.5"):
+        parse_args(tiny_args(tmp_path, "--set", "num_edits=2.5"))
