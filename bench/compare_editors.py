@@ -93,6 +93,8 @@ def main(argv=None):
     opts.out_dir = opts.out_dir or f"runs/compare-{opts.model}-n{opts.num_edits}"
     threads = max(1, (os.cpu_count() or 1) // opts.workers)
 
+    import mlflow
+    mlflow.set_experiment(opts.experiment)  # create the store once, before streams race to
     with ThreadPoolExecutor(opts.workers) as pool:
         codes = dict(pool.map(lambda e: run_editor(opts, e, threads), opts.editors))
     failed = [e for e, code in codes.items() if code != 0]

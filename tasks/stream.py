@@ -1,0 +1,244 @@
+"""An edit stream: one model, one editor, N CounterFact edits applied in order.
+
+`EditStream` holds the loaded model, the editor and the stream's position; it applies one
+batch per `step()`, evaluates on request, checkpoints and resumes. It knows nothing of
+MLflow or Ray: the single-process CLI (`pipelines/edit_stream.py`) and the Ray editor
+actor (`tasks/actors.py`) both drive it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tasks.anchor import AnchorArgs, cached_anchor_stats
+from tasks.config import to_dict
+from tasks.data import load_requests
+from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
+from tasks.editors import build_editor, resolve_editor
+from tasks.extract.prompts import make_context_templates
+from tasks.extract.values import ValueArgs
+from tasks.files import write_atomically
+from tasks.metrics import aggregate, fluency, score_requests
+from tasks.models import cache_root, load_model
+
+log = logging.getLogger("rlsedit.stream")
+DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
+
+
+@dataclass
+class StreamConfig:
+    model: str = "smollm2-135m"
+    editor: str = "rlsedit"         # a name from tasks/editors/editors.yaml
+    editor_args: dict = field(default_factory=dict)  # overrides of that editor's settings
+    data: str = DEFAULT_DATA
+    offset: int = 0                 # first record of `data` to edit
+    num_edits: int = 100
+    batch_size: int = 10            # edits per update step
+    layers: list[int] | None = None  # None: the model's default edit layers
+    eval_every: int = 50            # edits between evaluations (and checkpoints)
+    eval_max: int = 200             # intermediate evaluations score at most this many edits
+    retention_fraction: float = 0.1  # retention = metrics of the first 10% after all edits
+    retention_edits: int | None = None  # or of exactly this many first edits
+    fluency_samples: int = 50       # edit prompts generated from for fluency (0: skip)
+    fluency_tokens: int = 50
+    eval_batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    output_dir: str | None = None   # checkpoint + artifacts; default runs/<run name>
+    output_json: str | None = None
+    experiment: str = "rlsedit-stream"
+    run_name: str | None = None
+    values: ValueArgs = field(default_factory=ValueArgs)
+    anchor: AnchorArgs = field(default_factory=AnchorArgs)
+
+    def __post_init__(self):
+        for name in ("num_edits", "batch_size", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.retention_fraction <= 1:
+            raise ValueError(f"retention_fraction must be in (0, 1], got {self.retention_fraction}")
+
+    @property
+    def retention_k(self) -> int:
+        if self.retention_edits is not None:
+            return max(1, min(int(self.retention_edits), self.num_edits))
+        return max(1, int(round(self.retention_fraction * self.num_edits)))
+
+    @property
+    def name(self) -> str:
+        return self.run_name or (f"{self.model.replace('/', '_')}-{self.editor}-n{self.num_edits}"
+                                 f"-b{self.batch_size}-s{self.seed}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.name).resolve()
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# Settings that change what is logged, not the edits: a run may resume with other values.
+NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
+                 "eval_max", "eval_batch_size", "fluency_samples", "fluency_tokens")
+
+
+def config_digest(cfg: StreamConfig) -> str:
+    """What must match for a checkpoint to be resumed: everything that shapes the edits."""
+    keep = to_dict(cfg)
+    for key in NOT_IN_DIGEST:
+        keep.pop(key)
+    keep["editor_args"] = resolve_editor(cfg.editor, cfg.editor_args)[2]  # registry edits count
+    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dict[str, float]:
+    """Metrics on the edits applied so far (all when final, else at most eval_max, evenly
+    spaced) and retention: the same metrics on the first `retention_k` edits of the stream.
+    Each request is scored once even when it counts for both."""
+    picked = list(range(n_done))
+    if not final and n_done > cfg.eval_max:
+        picked = [int(i * n_done / cfg.eval_max) for i in range(cfg.eval_max)]
+    early = list(range(min(cfg.retention_k, n_done)))
+    union = sorted(set(picked) | set(early))
+    scores = dict(zip(union, score_requests(lm, [requests[i] for i in union],
+                                            cfg.eval_batch_size)))
+    metrics = aggregate([scores[i] for i in picked])
+    metrics.update(aggregate([scores[i] for i in early], "retention_"))
+    return metrics
+
+
+def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
+    """The unedited model's metrics on the stream's requests (and fluency), computed once
+    per model, data slice and evaluation settings, and cached on disk."""
+    key = json.dumps([cfg.model, str(Path(cfg.data).resolve()) if Path(cfg.data).exists()
+                      else cfg.data, cfg.offset, cfg.num_edits, cfg.retention_k,
+                      cfg.fluency_samples, cfg.fluency_tokens])
+    path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        return json.loads(path.read_text())["scores"]
+    log.info("scoring the unedited model on the %d edit requests", len(requests))
+    scores = evaluation(lm, requests, cfg, len(requests), final=True)
+    if cfg.fluency_samples:
+        scores["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
+                                    cfg.fluency_tokens)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "scores": scores})))
+    return scores
+
+
+def stream_fluency(lm, requests, cfg: StreamConfig) -> float:
+    return fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]], cfg.fluency_tokens)
+
+
+class EditStream:
+    """The model, the editor and where the stream stands; resumes from `checkpoint.pt` in
+    the config's output folder when one written by the same config is there."""
+
+    def __init__(self, cfg: StreamConfig):
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # typos fail early
+        self.digest = config_digest(cfg)
+        self.requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset)
+        self.lm = load_model(cfg.model, device=pick_device(cfg.device))
+        self.layers = self.lm.check_layers(cfg.layers if cfg.layers is not None
+                                           else self.lm.spec.edit_layers)
+        anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
+        self.editor = build_editor(cfg.editor, {l: layer_weight(self.lm, l) for l in self.layers},
+                                   anchor, cfg.editor_args)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = cfg.out_dir / "checkpoint.pt"
+        self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
+                      "digest": self.digest, "baseline": None, "templates": None}
+        if self.ckpt_path.exists():
+            self._restore()
+        if self.state["templates"] is None:
+            self.state["templates"] = make_context_templates(
+                self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed)
+        self.last_step_stats: dict[str, float] = {}
+
+    def _restore(self) -> None:
+        saved = torch.load(self.ckpt_path, weights_only=False)
+        if saved["digest"] != self.digest:
+            raise RuntimeError(f"{self.ckpt_path} was written by a different config; "
+                               f"remove it or choose another output_dir")
+        self.state = {k: v for k, v in saved.items() if k != "editor"}
+        self.editor.load_state_dict(saved["editor"])
+        for layer in self.layers:
+            write_weight(self.lm, layer, self.editor.weight(layer))
+        log.info("resuming %s at edit %d", self.cfg.name, self.position)
+
+    @property
+    def position(self) -> int:
+        return self.state["position"]
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.cfg.num_edits
+
+    def baseline(self) -> dict[str, float]:
+        """The unedited model's scores (from the disk cache after the first time)."""
+        if self.state["baseline"] is None:
+            if self.position:
+                raise RuntimeError("the unedited scores must be taken before any edit")
+            self.state["baseline"] = unedited_scores(self.lm, self.requests, self.cfg)
+        return self.state["baseline"]
+
+    def step(self) -> bool:
+        """Apply the next batch; True when the stream has reached an evaluation point."""
+        start = self.position
+        batch = self.requests[start:start + self.cfg.batch_size]
+        tic = time.perf_counter()
+        self.last_step_stats = apply_edit_batch(self.lm, self.editor, batch,
+                                                self.state["templates"], self.layers,
+                                                self.cfg.values)
+        self.state["edit_seconds"] += time.perf_counter() - tic
+        self.state["position"] = n = start + len(batch)
+        every = self.cfg.eval_every
+        return n // every > start // every or n == self.cfg.num_edits
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics now (see `evaluation`), speed and the last step's stats."""
+        n = self.position
+        metrics = evaluation(self.lm, self.requests, self.cfg, n, final=n == self.cfg.num_edits)
+        return self.record(metrics)
+
+    def record(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add speed and the last step's stats to `metrics` and keep them in the history."""
+        metrics = {**metrics, "edits_per_second": self.position / self.state["edit_seconds"],
+                   **self.last_step_stats}
+        self.state["history"].append({"edits": self.position, **metrics})
+        return metrics
+
+    def checkpoint(self) -> None:
+        write_atomically(self.ckpt_path, lambda tmp: torch.save(
+            {**self.state, "editor": self.editor.state_dict()}, tmp))
+
+    def edited_layers(self) -> dict[str, torch.Tensor]:
+        """The edited projections' weights by parameter name (CPU, contiguous)."""
+        return {self.lm.spec.mlp_out_name(l) + ".weight":
+                self.lm.mlp_out(l).weight.detach().cpu().contiguous() for l in self.layers}
+
+    def summary(self, final_metrics: dict[str, float]) -> dict:
+        cfg = self.cfg
+        return {
+            "final": final_metrics,
+            "unedited": self.state["baseline"],
+            "retention_first_k": cfg.retention_k,
+            "edits_per_second": cfg.num_edits / self.state["edit_seconds"],
+            "seconds_per_edit": self.state["edit_seconds"] / cfg.num_edits,
+            "edit_layers": list(self.layers),
+            "history": self.state["history"],
+            "config": to_dict(cfg),
+            "editor_settings": self.editor_settings,
+            "mlflow_run_id": self.state["run_id"],
+        }
