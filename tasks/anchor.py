@@ -96,7 +96,7 @@ def anchor_stats(lm, layers: list[int], texts: list[str], max_tokens: int = 128,
     return {layer: AnchorStats(s.cov.cpu(), s.count) for layer, s in totals.items()}
 
 
-def _cache_file(model_name: str, layer: int, corpus: Path, args: AnchorArgs) -> Path:
+def anchor_cache_file(model_name: str, layer: int, corpus: Path, args: AnchorArgs) -> Path:
     digest = hashlib.sha1(corpus.read_bytes()).hexdigest()[:12]
     name = f"L{layer}-{corpus.stem}-{digest}-n{args.n_texts}-t{args.max_tokens}.pt"
     return cache_root() / "anchor" / model_name.replace("/", "__") / name
@@ -108,7 +108,7 @@ def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
     corpus = Path(args.corpus)
     if not corpus.exists():
         raise FileNotFoundError(f"anchor corpus not found: {corpus}")
-    files = {layer: _cache_file(lm.spec.name, layer, corpus, args) for layer in layers}
+    files = {layer: anchor_cache_file(lm.spec.name, layer, corpus, args) for layer in layers}
     result = {layer: AnchorStats(**torch.load(f)) for layer, f in files.items() if f.exists()}
     missing = [layer for layer in layers if layer not in result]
     if missing:

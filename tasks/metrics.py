@@ -130,3 +130,20 @@ def fluency(lm, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 
     finally:
         tok.padding_side = side
     return sum(entropies) / len(entropies) if entropies else float("nan")
+
+
+@torch.no_grad()
+def perplexity(lm, texts: list[str], max_tokens: int = 128, batch_size: int = 16) -> float:
+    """exp of the mean next-token NLL over all tokens of `texts` (each cut at `max_tokens`)."""
+    tok = lm.tokenizer
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                  truncation=True, max_length=max_tokens).to(lm.model.device)
+        logits = lm.model(**enc, use_cache=False).logits[:, :-1].float()
+        labels = enc["input_ids"][:, 1:]
+        mask = enc["attention_mask"][:, 1:].bool()
+        nll = F.cross_entropy(logits[mask], labels[mask], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int(mask.sum())
+    return math.exp(total_nll / max(total_tokens, 1))

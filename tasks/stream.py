@@ -143,7 +143,10 @@ class EditStream:
     """The model, the editor and where the stream stands; resumes from `checkpoint.pt` in
     the config's output folder when one written by the same config is there."""
 
-    def __init__(self, cfg: StreamConfig):
+    def __init__(self, cfg: StreamConfig, anchor: dict | None = None,
+                 baseline: dict | None = None):
+        """`anchor` {layer: AnchorStats} and `baseline` (the unedited scores) may be given
+        when computed elsewhere; else they come from (or go to) the disk cache."""
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # typos fail early
@@ -152,7 +155,8 @@ class EditStream:
         self.lm = load_model(cfg.model, device=pick_device(cfg.device))
         self.layers = self.lm.check_layers(cfg.layers if cfg.layers is not None
                                            else self.lm.spec.edit_layers)
-        anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
+        if anchor is None:
+            anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
         self.editor = build_editor(cfg.editor, {l: layer_weight(self.lm, l) for l in self.layers},
                                    anchor, cfg.editor_args)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +165,8 @@ class EditStream:
                       "digest": self.digest, "baseline": None, "templates": None}
         if self.ckpt_path.exists():
             self._restore()
+        if self.state["baseline"] is None and baseline is not None:
+            self.state["baseline"] = baseline
         if self.state["templates"] is None:
             self.state["templates"] = make_context_templates(
                 self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed)

@@ -1,0 +1,330 @@
+"""Model × editor × seed grids on Ray, logged to MLflow.
+
+    python -m pipelines.grid --config pipelines/configs/smoke.yaml
+    ray job submit --working-dir . -- python -m pipelines.grid --config pipelines/configs/cpu-demo.yaml
+
+Per model, Ray tasks compute the anchor statistics over corpus shards (cached on disk)
+and evaluator actors load the base model once. Each cell gets an editor actor (a GPU when
+the cluster has one) that streams its edits and publishes weight snapshots; evaluators
+score the snapshots while editing goes on. MLflow: one parent run for the grid, one child
+run per cell (params, metrics at step = edits applied, snapshots, summary), the comparison
+table and plot on the parent. Re-running the same command resumes: finished cells are read
+back, half-finished ones continue from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.report import comparison_table, plot_curves
+from tasks.actors import HeldoutArgs
+from tasks.anchor import AnchorArgs
+from tasks.config import from_dict, load_yaml, set_override, to_dict
+from tasks.editors import resolve_editor
+from tasks.files import write_atomically
+from tasks.models import resolve_spec
+from tasks.stream import StreamConfig
+
+log = logging.getLogger("rlsedit.grid")
+
+
+@dataclass
+class ResourceArgs:
+    editor_cpus: float = 1.0         # per editor actor (= its torch threads)
+    evaluator_cpus: float = 0.5      # per evaluator actor
+    evaluator_gpus: float = 0.25     # per evaluator, when the cluster has GPUs
+    evaluators_per_model: int = 1
+    anchor_shards: int = 2           # Ray tasks over the anchor corpus
+
+
+@dataclass
+class GridConfig:
+    name: str = "grid"
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    editors: list[str] = field(default_factory=lambda: ["rlsedit"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    stream: dict = field(default_factory=dict)       # StreamConfig keys shared by all cells
+    editor_args: dict = field(default_factory=dict)  # {editor name: settings overrides}
+    heldout: HeldoutArgs = field(default_factory=HeldoutArgs)
+    resources: ResourceArgs = field(default_factory=ResourceArgs)
+    output_dir: str | None = None    # default runs/grid-<name>
+    output_json: str | None = None
+    experiment: str = "rlsedit-grid"
+    ray_address: str | None = None   # None: RAY_ADDRESS, a running `ray start`, or a new local one
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / f"grid-{self.name}").resolve()
+
+
+@dataclass
+class Cell:
+    name: str
+    model: str
+    editor: str
+    cfg: dict          # StreamConfig as a dict
+    dir: Path
+
+
+def grid_cells(cfg: GridConfig) -> list[Cell]:
+    """Every model × editor × seed, each with its validated stream config."""
+    for editor in cfg.editor_args:   # a typo here would silently drop the settings
+        resolve_editor(editor, cfg.editor_args[editor])
+    cells = []
+    for model in cfg.models:
+        resolve_spec(model)
+        for editor in cfg.editors:
+            resolve_editor(editor, cfg.editor_args.get(editor))
+            for seed in cfg.seeds:
+                name = f"{model.replace('/', '_')}-{editor}-s{seed}"
+                cell_dir = cfg.out_dir / "cells" / name
+                stream = {**cfg.stream, "model": model, "editor": editor, "seed": seed,
+                          "editor_args": cfg.editor_args.get(editor, {}),
+                          "output_dir": str(cell_dir), "run_name": name,
+                          "experiment": cfg.experiment}
+                stream = to_dict(from_dict(StreamConfig, stream, where="stream."))
+                cells.append(Cell(name, model, editor, stream, cell_dir))
+    return cells
+
+
+def _edit_layers(model: str, stream: dict) -> list[int]:
+    layers = stream.get("layers") or list(resolve_spec(model).edit_layers)
+    if not layers:
+        raise ValueError(f"model {model!r} has no default edit layers: set stream.layers")
+    return layers
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _save_json(path: Path, data) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+def _save_weights(path: Path, weights: dict) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, str(path))
+    return path
+
+
+class GridLogger:
+    """The grid's MLflow runs: a parent, and a child per cell created on first use."""
+
+    def __init__(self, cfg: GridConfig, state: dict):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient()
+        self.state = state
+        experiment = mlflow.set_experiment(cfg.experiment)
+        self.experiment_id = experiment.experiment_id
+        if state.get("parent") is None:
+            run = self.client.create_run(self.experiment_id, run_name=cfg.name)
+            state["parent"] = run.info.run_id
+            for key, value in _flatten(to_dict(cfg)).items():
+                self.client.log_param(state["parent"], key, str(value)[:6000])
+            self.client.log_dict(state["parent"], to_dict(cfg), "grid_config.json")
+        self.parent = state["parent"]
+
+    def child(self, cell: Cell, editor_settings: dict, baseline: dict) -> str:
+        children = self.state.setdefault("children", {})
+        if cell.name not in children:
+            run = self.client.create_run(self.experiment_id, run_name=cell.name,
+                                         tags={"mlflow.parentRunId": self.parent})
+            run_id = children[cell.name] = run.info.run_id
+            for key, value in {**_flatten(cell.cfg), **_flatten(editor_settings, "editor.")}.items():
+                self.client.log_param(run_id, key, str(value)[:6000])
+            self.client.log_dict(run_id, {**cell.cfg, "editor_settings": editor_settings},
+                                 "config.json")
+            self.metrics(run_id, {f"unedited_{k}": v for k, v in baseline.items()}, 0)
+        return children[cell.name]
+
+    def metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        self.client.log_batch(run_id, metrics=batch)
+
+
+def run_grid(cfg: GridConfig) -> dict:
+    import ray
+
+    from tasks.actors import EditorActor, Evaluator
+    from tasks.anchor_ray import ray_anchor_stats
+
+    cells = grid_cells(cfg)   # every name and setting checked before anything starts
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "grid_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False)
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) >= 1
+    res = cfg.resources
+    evaluator_cpus = res.evaluator_cpus * res.evaluators_per_model * len(cfg.models)
+    if resources.get("CPU", 0) - evaluator_cpus < res.editor_cpus:
+        raise ValueError(f"the cluster has {resources.get('CPU', 0)} CPUs; evaluators take "
+                         f"{evaluator_cpus} and an editor needs {res.editor_cpus}: lower "
+                         f"resources.evaluator_cpus or resources.editor_cpus")
+    logger = GridLogger(cfg, state)
+    _save_json(state_path, state)
+
+    evaluators, baselines, anchors = {}, {}, {}
+    editor_actor = ray.remote(EditorActor).options(num_cpus=res.editor_cpus,
+                                                   num_gpus=1 if use_gpu else 0)
+    evaluator_actor = ray.remote(Evaluator).options(
+        num_cpus=res.evaluator_cpus, num_gpus=res.evaluator_gpus if use_gpu else 0)
+    anchor_args = from_dict(AnchorArgs, cfg.stream.get("anchor", {}))
+    for model in cfg.models:
+        layers = _edit_layers(model, cfg.stream)
+        tic = time.perf_counter()
+        stats = ray_anchor_stats(model, layers, anchor_args, res.anchor_shards, use_gpu)
+        anchors[model] = ray.put({l: (s.cov.numpy(), s.count) for l, s in stats.items()})
+        logger.client.log_dict(logger.parent, {str(l): {"tokens": s.count,
+                                                        "trace": float(s.cov.trace())}
+                                               for l, s in stats.items()},
+                               f"anchor/{model.replace('/', '_')}.json")
+        log.info("anchor statistics of %s: %.1f s", model, time.perf_counter() - tic)
+        evaluators[model] = [evaluator_actor.remote(model) for _ in range(res.evaluators_per_model)]
+        first = next(c for c in cells if c.model == model)
+        baselines[model] = ray.get(evaluators[model][0].baseline.remote(first.cfg, to_dict(cfg.heldout)))
+
+    summaries: dict[str, dict] = {}
+    generators, evals, actors, pending = {}, {}, {}, {}
+    for i, cell in enumerate(cells):
+        summary_path = cell.dir / "summary.json"
+        if summary_path.exists():
+            summaries[cell.name] = json.loads(summary_path.read_text())
+            continue
+        settings = resolve_editor(cell.editor, cell.cfg["editor_args"])[2]
+        run_id = logger.child(cell, settings, baselines[cell.model])
+        _save_json(state_path, state)
+        evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
+        actor = editor_actor.remote(cell.cfg, anchors[cell.model], baselines[cell.model],
+                                    evaluator, to_dict(cfg.heldout))
+        actors[cell.name] = actor
+        generators[actor.run.remote()] = cell
+        results_path = cell.dir / "evals.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        pending[cell.name] = {"run_id": run_id, "results": results, "speed": {},
+                              "outstanding": 0, "done": None}
+
+    def finish(cell: Cell) -> None:
+        p = pending.pop(cell.name)
+        summary = p["done"]
+        history = []
+        for n in sorted(int(k) for k in p["results"]):
+            history.append({"edits": n, **p["results"][str(n)], **p["speed"].get(n, {})})
+        summary["history"] = history
+        summary["final"] = {**history[-1], **summary["final"]}
+        summary["unedited"] = baselines[cell.model]
+        summary["mlflow_run_id"] = p["run_id"]
+        _save_json(cell.dir / "summary.json", summary)
+        logger.metrics(p["run_id"], {k: v for k, v in summary["final"].items()
+                                     if k not in history[-1]}, summary["config"]["num_edits"])
+        logger.client.log_dict(p["run_id"], summary, "summary.json")
+        logger.client.set_terminated(p["run_id"])
+        summaries[cell.name] = summary
+        ray.kill(actors.pop(cell.name))
+
+    while generators or evals:
+        ready, _ = ray.wait(list(generators) + list(evals), num_returns=1)
+        item = ready[0]
+        if item in evals:
+            cell, n = evals.pop(item)
+            p = pending[cell.name]
+            p["results"][str(n)] = metrics = ray.get(item)
+            p["outstanding"] -= 1
+            _save_json(cell.dir / "evals.json", p["results"])
+            logger.metrics(p["run_id"], metrics, n)
+            log.info("%s at %d edits: efficacy %.3f, retention %.3f", cell.name, n,
+                     metrics["efficacy"], metrics["retention_efficacy"])
+            if p["done"] is not None and p["outstanding"] == 0:
+                finish(cell)
+            continue
+        cell = generators[item]
+        p = pending[cell.name]
+        event = ray.get(next(item))
+        if event.get("done"):
+            del generators[item]
+            p["done"] = event["summary"]
+            path = _save_weights(cell.dir / "edited_layers.safetensors", event["edited"])
+            logger.client.log_artifact(p["run_id"], str(path))
+            if p["outstanding"] == 0:
+                finish(cell)
+            continue
+        n = event["edits"]
+        evals[event["metrics"]] = (cell, n)
+        p["outstanding"] += 1
+        speed = {k: v for k, v in event["speed"].items() if k != "edits"}
+        p["speed"][n] = speed
+        logger.metrics(p["run_id"], speed, n)
+        path = _save_weights(cell.dir / "snapshots" / f"edits-{n}.safetensors",
+                             ray.get(event["snapshot"]))
+        logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+
+    for handles in evaluators.values():
+        for handle in handles:
+            ray.kill(handle)
+    ordered = {c.name: summaries[c.name] for c in cells}
+    table = comparison_table(ordered)
+    plot = plot_curves(ordered, out / "comparison.png", f"grid {cfg.name}")
+    (out / "comparison.md").write_text(table + "\n")
+    logger.client.log_artifact(logger.parent, str(plot))
+    logger.client.log_text(logger.parent, table, "comparison.md")
+    result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
+              "cells": ordered, "config": to_dict(cfg)}
+    logger.client.log_dict(logger.parent, result, "grid_summary.json")
+    logger.client.set_terminated(logger.parent)
+    if cfg.output_json:
+        _save_json(Path(cfg.output_json), result)
+    return result
+
+
+def parse_args(argv=None) -> GridConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="grid YAML (pipelines/configs/)")
+    parser.add_argument("--output-json", help="write the summary table and cells here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a grid key, e.g. stream.num_edits=20 (repeatable)")
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config)
+    if args.output_json:
+        data["output_json"] = args.output_json
+    for assignment in args.set:
+        set_override(data, assignment)
+    return from_dict(GridConfig, data)
+
+
+def main(argv=None) -> None:
+    import mlflow
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tic = time.perf_counter()
+    result = run_grid(parse_args(argv))
+    print(f"\n{result['table']}\n")
+    print(f"grid {result['grid']} done in {time.perf_counter() - tic:.0f} s; "
+          f"MLflow parent run {result['parent_run_id']}")
+    print(f"open it with: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()

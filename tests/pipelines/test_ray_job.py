@@ -1,0 +1,48 @@
+"""`ray job submit` of the smoke grid to a `ray start --head` cluster on loopback."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+from tests.pipelines.test_grid import smoke_args
+
+
+def test_smoke_grid_as_a_ray_job_on_a_started_cluster(tmp_path):
+    """`ray start --head` on loopback, `ray job submit` of the smoke grid, SUCCEEDED."""
+    bin_dir = os.path.dirname(sys.executable)
+    ray_cli = os.path.join(bin_dir, "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DISABLE_USAGE_STATS": "1"}
+    dashboard = "8299"
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1",
+                    "--port", "6399", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                    dashboard, "--num-cpus", "2", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        job_env = json.dumps({"env_vars": {
+            "RLSEDIT_CACHE": os.environ["RLSEDIT_CACHE"],
+            "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "HF_HUB_OFFLINE": "1"}})
+        submit = subprocess.run(
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", job_env, "--no-wait", "--",
+             "python", "-m", "pipelines.grid", *smoke_args(tmp_path, "--set", "name=job-smoke",
+                                                            "--set", "editors=[rlsedit]")],
+            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert submit.returncode == 0, submit.stderr
+        job_id = next(w for w in submit.stdout.split() if w.startswith("raysubmit_"))
+        deadline, status = time.time() + 600, ""
+        while time.time() < deadline:
+            status = subprocess.run([ray_cli, "job", "status", "--address", address, job_id],
+                                    env=env, capture_output=True, text=True).stdout
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(5)
+        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id],
+                              env=env, capture_output=True, text=True).stdout
+        assert "SUCCEEDED" in status, logs[-3000:]
+        assert "tiny-llama-rlsedit-s0 |" in logs
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
