@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,28 @@ class Cell:
     editor: str
     cfg: dict          # StreamConfig as a dict
     dir: Path
+
+
+def resolve_paths(cfg: GridConfig) -> GridConfig:
+    """Relative data and output paths, read against $RLSEDIT_WORKDIR when it is set: under
+    `ray job submit` the driver runs in an unpacked copy of the tree, not where it was
+    launched (cluster/submit_grid.sh sets it to the submitting folder)."""
+    base = Path(os.environ.get("RLSEDIT_WORKDIR", "."))
+
+    def fix(path: str | None) -> str | None:
+        if path is None or path.startswith("hub:") or Path(path).is_absolute():
+            return path
+        return str((base / path).resolve())
+
+    stream = dict(cfg.stream)
+    stream["data"] = fix(stream.get("data", StreamConfig.data))
+    stream["anchor"] = {**stream.get("anchor", {})}
+    stream["anchor"]["corpus"] = fix(stream["anchor"].get("corpus", AnchorArgs.corpus))
+    cfg.stream = stream
+    cfg.heldout.corpus = fix(cfg.heldout.corpus)
+    cfg.output_dir = fix(cfg.output_dir or f"runs/grid-{cfg.name}")
+    cfg.output_json = fix(cfg.output_json)
+    return cfg
 
 
 def grid_cells(cfg: GridConfig) -> list[Cell]:
@@ -311,7 +334,7 @@ def parse_args(argv=None) -> GridConfig:
         data["output_json"] = args.output_json
     for assignment in args.set:
         set_override(data, assignment)
-    return from_dict(GridConfig, data)
+    return resolve_paths(from_dict(GridConfig, data))
 
 
 def main(argv=None) -> None:
