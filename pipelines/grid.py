@@ -308,10 +308,15 @@ def run_grid(cfg: GridConfig) -> dict:
         for handle in handles:
             ray.kill(handle)
     ordered = {c.name: summaries[c.name] for c in cells}
-    table = comparison_table(ordered)
-    plot = plot_curves(ordered, out / "comparison.png", f"grid {cfg.name}")
+    table = "\n\n".join(f"{model}:\n\n" + comparison_table(
+        {c.name: summaries[c.name] for c in cells if c.model == model}) for model in cfg.models)
+    for model in cfg.models:   # one plot per model: each has its own unedited reference
+        plot = plot_curves({c.editor + (f" s{c.cfg['seed']}" if len(cfg.seeds) > 1 else ""):
+                            summaries[c.name] for c in cells if c.model == model},
+                           out / f"comparison-{model.replace('/', '_')}.png",
+                           f"grid {cfg.name}: {model}, {cfg.stream.get('num_edits')} edits")
+        logger.client.log_artifact(logger.parent, str(plot))
     (out / "comparison.md").write_text(table + "\n")
-    logger.client.log_artifact(logger.parent, str(plot))
     logger.client.log_text(logger.parent, table, "comparison.md")
     result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
               "cells": ordered, "config": to_dict(cfg)}

@@ -67,11 +67,11 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
         snapshots = {a.path for a in client.list_artifacts(run.info.run_id, "snapshots")}
         assert snapshots == {"snapshots/edits-4.safetensors", "snapshots/edits-6.safetensors"}
     parent_artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"comparison.png", "comparison.md", "grid_summary.json"} <= parent_artifacts
-    assert (tmp_path / "grid" / "comparison.png").stat().st_size > 10_000
+    assert {"comparison-tiny-llama.png", "comparison.md", "grid_summary.json"} <= parent_artifacts
+    assert (tmp_path / "grid" / "comparison-tiny-llama.png").stat().st_size > 10_000
     table = json.loads((tmp_path / "grid.json").read_text())["table"]
     for editor in ("rlsedit", "memit", "alphaedit", "ft"):
-        assert f"tiny-llama-{editor}-s0 |" in table
+        assert f"| tiny-llama-{editor}-s0 |" in table
 
     again = run_grid(parse_args(smoke_args(tmp_path)))   # everything done: nothing reruns
     assert again["parent_run_id"] == parent

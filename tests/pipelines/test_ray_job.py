@@ -43,6 +43,6 @@ def test_smoke_grid_as_a_ray_job_on_a_started_cluster(tmp_path):
         logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id],
                               env=env, capture_output=True, text=True).stdout
         assert "SUCCEEDED" in status, logs[-3000:]
-        assert "tiny-llama-rlsedit-s0 |" in logs
+        assert "| tiny-llama-rlsedit-s0 |" in logs
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
