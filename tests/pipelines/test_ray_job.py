@@ -28,20 +28,22 @@ def test_smoke_grid_as_a_ray_job_on_a_started_cluster(tmp_path):
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
              "--runtime-env-json", job_env, "--no-wait", "--",
-             "python", "-m", "pipelines.grid", *smoke_args(tmp_path, "--set", "name=job-smoke",
+             sys.executable, "-m", "pipelines.grid", *smoke_args(tmp_path, "--set", "name=job-smoke",
                                                             "--set", "editors=[rlsedit]")],
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert submit.returncode == 0, submit.stderr
         job_id = next(w for w in submit.stdout.split() if w.startswith("raysubmit_"))
         deadline, status = time.time() + 600, ""
         while time.time() < deadline:
-            status = subprocess.run([ray_cli, "job", "status", "--address", address, job_id],
-                                    env=env, capture_output=True, text=True).stdout
+            done = subprocess.run([ray_cli, "job", "status", "--address", address, job_id],
+                                  env=env, capture_output=True, text=True)
+            status = done.stdout + done.stderr   # the status line goes to stderr
             if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
                 break
             time.sleep(5)
-        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id],
-                              env=env, capture_output=True, text=True).stdout
+        done = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id],
+                              env=env, capture_output=True, text=True)
+        logs = done.stdout + done.stderr
         assert "SUCCEEDED" in status, logs[-3000:]
         assert "| tiny-llama-rlsedit-s0 |" in logs
     finally:
