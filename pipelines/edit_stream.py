@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tasks.config import from_dict, load_yaml, set_override, to_dict
+from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.stream import EditStream, StreamConfig, stream_fluency
 
 log = logging.getLogger("rlsedit.stream")
@@ -40,8 +40,8 @@ def run_stream(cfg: StreamConfig) -> dict:
     with mlflow.start_run(run_id=stream.state["run_id"], run_name=cfg.name) as run:
         if stream.state["run_id"] is None:
             stream.state["run_id"] = run.info.run_id
-            mlflow.log_params(_flatten(to_dict(cfg)))
-            mlflow.log_params(_flatten(stream.editor_settings, "editor."))
+            mlflow.log_params(flatten(to_dict(cfg)))
+            mlflow.log_params(flatten(stream.editor_settings, "editor."))
             mlflow.log_param("edit_layers", list(stream.layers))
             mlflow.log_dict({**to_dict(cfg), "editor_settings": stream.editor_settings},
                             "config.json")
@@ -74,16 +74,6 @@ def run_stream(cfg: StreamConfig) -> dict:
         Path(cfg.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output_json).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
 
 
 CLI_FLAGS = {  # flag -> config key

@@ -25,7 +25,7 @@ from pathlib import Path
 from pipelines.report import comparison_table, plot_curves
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
-from tasks.config import from_dict, load_yaml, set_override, to_dict
+from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import write_atomically
 from tasks.models import resolve_spec
@@ -122,16 +122,6 @@ def _edit_layers(model: str, stream: dict) -> list[int]:
     return layers
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
-
-
 def _save_json(path: Path, data) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
@@ -159,7 +149,7 @@ class GridLogger:
         if state.get("parent") is None:
             run = self.client.create_run(self.experiment_id, run_name=cfg.name)
             state["parent"] = run.info.run_id
-            for key, value in _flatten(to_dict(cfg)).items():
+            for key, value in flatten(to_dict(cfg)).items():
                 self.client.log_param(state["parent"], key, str(value)[:6000])
             self.client.log_dict(state["parent"], to_dict(cfg), "grid_config.json")
         self.parent = state["parent"]
@@ -170,7 +160,7 @@ class GridLogger:
             run = self.client.create_run(self.experiment_id, run_name=cell.name,
                                          tags={"mlflow.parentRunId": self.parent})
             run_id = children[cell.name] = run.info.run_id
-            for key, value in {**_flatten(cell.cfg), **_flatten(editor_settings, "editor.")}.items():
+            for key, value in {**flatten(cell.cfg), **flatten(editor_settings, "editor.")}.items():
                 self.client.log_param(run_id, key, str(value)[:6000])
             self.client.log_dict(run_id, {**cell.cfg, "editor_settings": editor_settings},
                                  "config.json")

@@ -90,6 +90,7 @@ class Evaluator:
         _use_threads()
         self.lm = load_model(model, device=_device())
         self._requests: dict[str, list] = {}
+        self._heldout: dict[str, list[str]] = {}
 
     def _stream_inputs(self, cfg: dict):
         config = from_dict(StreamConfig, cfg)
@@ -101,8 +102,10 @@ class Evaluator:
 
     def _perplexity(self, heldout: dict) -> float:
         args = HeldoutArgs(**heldout)
-        texts = read_corpus(args.corpus, args.n_texts, offset=args.offset)
-        return perplexity(self.lm, texts, args.max_tokens)
+        key = f"{args.corpus}:{args.offset}:{args.n_texts}"
+        if key not in self._heldout:
+            self._heldout[key] = read_corpus(args.corpus, args.n_texts, offset=args.offset)
+        return perplexity(self.lm, self._heldout[key], args.max_tokens)
 
     def baseline(self, cfg: dict, heldout: dict) -> dict:
         """The unedited model's scores on a cell's requests (disk-cached), and perplexity."""

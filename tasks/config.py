@@ -82,3 +82,14 @@ def set_override(data: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part} is not a section")
     node[parts[-1]] = yaml.safe_load(raw)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for MLflow params (an empty mapping adds nothing)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat

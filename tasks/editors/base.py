@@ -45,11 +45,9 @@ def check_batch(K: torch.Tensor, V: torch.Tensor, d_k: int, d_v: int) -> None:
     check_finite("V", V)
 
 
-class KeyValueEditor:
-    """Keeps W per layer; a subclass gives `delta(layer, K, V)` and may keep more state
-    (`extra_state` / `load_extra_state`) or remember the batch (`after_update`)."""
-
-    needs = "keys_values"
+class LayerWeights:
+    """Keeps W [d_k, d_v] per edited layer in the editor's precision and checkpoints it;
+    `extra_state` / `load_extra_state` carry whatever else a subclass keeps."""
 
     def __init__(self, weights: dict[int, torch.Tensor], dtype: str):
         self.dtype = getattr(torch, dtype)
@@ -59,6 +57,25 @@ class KeyValueEditor:
 
     def weight(self, layer: int) -> torch.Tensor:
         return self.W[layer]
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"W": dict(self.W), **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.W = {int(layer): W for layer, W in state["W"].items()}
+        self.load_extra_state(state)
+
+
+class KeyValueEditor(LayerWeights):
+    """A subclass gives `delta(layer, K, V)` and may remember the batch (`after_update`)."""
+
+    needs = "keys_values"
 
     def delta(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -77,16 +94,3 @@ class KeyValueEditor:
         self.W[layer] = W + delta_W
         self.after_update(layer, K)
         return delta_W
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"W": dict(self.W), **self.extra_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.W = {int(layer): W for layer, W in state["W"].items()}
-        self.load_extra_state(state)

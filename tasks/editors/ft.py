@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from tasks.editors.base import check_finite
+from tasks.editors.base import LayerWeights, check_finite
 
 
 @dataclass
@@ -27,7 +27,7 @@ class FTArgs:
     dtype: str = "float32"   # the model's own precision: gradients flow through it
 
 
-class FTEditor:
+class FTEditor(LayerWeights):
     """Fine-tunes W [d_k, d_v] of every edit layer jointly, one batch at a time."""
 
     needs = "loss"
@@ -36,15 +36,9 @@ class FTEditor:
         """`anchors` is accepted for a uniform interface; FT does not use it."""
         if args.norm_bound < 0 or args.steps < 1:
             raise ValueError(f"FT needs norm_bound >= 0 and steps >= 1, got {args}")
+        super().__init__(weights, args.dtype)
         self.args = args
-        self.dtype = getattr(torch, args.dtype)
-        for layer, W0 in weights.items():
-            check_finite(f"W0 of layer {layer}", W0)
-        self.W = {layer: W0.detach().to(self.dtype).clone() for layer, W0 in weights.items()}
         self.last_loss = float("nan")
-
-    def weight(self, layer: int) -> torch.Tensor:
-        return self.W[layer]
 
     def update(self, loss_of: Callable[[dict[int, torch.Tensor]], torch.Tensor]
                ) -> dict[int, torch.Tensor]:
@@ -70,9 +64,3 @@ class FTEditor:
             check_finite("updated W", W.detach())
         self.W = {layer: W.detach() for layer, W in params.items()}
         return {layer: self.W[layer] - before[layer] for layer in self.W}
-
-    def state_dict(self) -> dict:
-        return {"W": dict(self.W)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.W = {int(layer): W for layer, W in state["W"].items()}
