@@ -56,6 +56,10 @@ def run_stream(cfg: StreamConfig) -> dict:
             if at_eval_point:
                 metrics = stream.evaluate()
                 mlflow.log_metrics(metrics, step=stream.position)
+                snapshot = cfg.out_dir / "snapshots" / f"edits-{stream.position}.safetensors"
+                snapshot.parent.mkdir(exist_ok=True)
+                save_file(stream.edited_layers(), str(snapshot))   # for pipelines.reeval
+                mlflow.log_artifact(str(snapshot), "snapshots")
                 progress.set_postfix(eff=f"{metrics['efficacy']:.2f}",
                                      ret=f"{metrics['retention_efficacy']:.2f}")
                 stream.checkpoint()

@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.report import comparison_table, plot_curves
+from pipelines.report import comparison_table, write_reports
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
+from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import write_atomically
@@ -52,6 +53,7 @@ class GridConfig:
     stream: dict = field(default_factory=dict)       # StreamConfig keys shared by all cells
     editor_args: dict = field(default_factory=dict)  # {editor name: settings overrides}
     heldout: HeldoutArgs = field(default_factory=HeldoutArgs)
+    capability: CapabilityArgs = field(default_factory=CapabilityArgs)  # lm-eval suite per snapshot
     resources: ResourceArgs = field(default_factory=ResourceArgs)
     output_dir: str | None = None    # default runs/grid-<name>
     output_json: str | None = None
@@ -89,6 +91,7 @@ def resolve_paths(cfg: GridConfig) -> GridConfig:
     stream["anchor"]["corpus"] = fix(stream["anchor"].get("corpus", AnchorArgs.corpus))
     cfg.stream = stream
     cfg.heldout.corpus = fix(cfg.heldout.corpus)
+    cfg.capability.data_dir = fix(cfg.capability.data_dir)
     cfg.output_dir = fix(cfg.output_dir or f"runs/grid-{cfg.name}")
     cfg.output_json = fix(cfg.output_json)
     return cfg
@@ -98,6 +101,7 @@ def grid_cells(cfg: GridConfig) -> list[Cell]:
     """Every model × editor × seed, each with its validated stream config."""
     for editor in cfg.editor_args:   # a typo here would silently drop the settings
         resolve_editor(editor, cfg.editor_args[editor])
+    resolve_suite(cfg.capability)    # an unknown profile or local task fails here
     cells = []
     for model in cfg.models:
         resolve_spec(model)
@@ -218,7 +222,8 @@ def run_grid(cfg: GridConfig) -> dict:
         log.info("anchor statistics of %s: %.1f s", model, time.perf_counter() - tic)
         evaluators[model] = [evaluator_actor.remote(model) for _ in range(res.evaluators_per_model)]
         first = next(c for c in cells if c.model == model)
-        baselines[model] = ray.get(evaluators[model][0].baseline.remote(first.cfg, to_dict(cfg.heldout)))
+        baselines[model] = ray.get(evaluators[model][0].baseline.remote(
+            first.cfg, to_dict(cfg.heldout), to_dict(cfg.capability)))
 
     summaries: dict[str, dict] = {}
     generators, evals, actors, pending = {}, {}, {}, {}
@@ -232,7 +237,7 @@ def run_grid(cfg: GridConfig) -> dict:
         _save_json(state_path, state)
         evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
         actor = editor_actor.remote(cell.cfg, anchors[cell.model], baselines[cell.model],
-                                    evaluator, to_dict(cfg.heldout))
+                                    evaluator, to_dict(cfg.heldout), to_dict(cfg.capability))
         actors[cell.name] = actor
         generators[actor.run.remote()] = cell
         results_path = cell.dir / "evals.json"
@@ -300,18 +305,20 @@ def run_grid(cfg: GridConfig) -> dict:
     ordered = {c.name: summaries[c.name] for c in cells}
     table = "\n\n".join(f"{model}:\n\n" + comparison_table(
         {c.name: summaries[c.name] for c in cells if c.model == model}) for model in cfg.models)
-    for model in cfg.models:   # one plot per model: each has its own unedited reference
-        plot = plot_curves({c.editor + (f" s{c.cfg['seed']}" if len(cfg.seeds) > 1 else ""):
-                            summaries[c.name] for c in cells if c.model == model},
-                           out / f"comparison-{model.replace('/', '_')}.png",
-                           f"grid {cfg.name}: {model}, {cfg.stream.get('num_edits')} edits")
-        logger.client.log_artifact(logger.parent, str(plot))
+    for model in cfg.models:   # reports per model: each has its own unedited reference
+        cell_summaries = {c.editor + (f" s{c.cfg['seed']}" if len(cfg.seeds) > 1 else ""):
+                          summaries[c.name] for c in cells if c.model == model}
+        files = write_reports(cell_summaries, out, model.replace("/", "_"),
+                              f"grid {cfg.name}: {model}, {cfg.stream.get('num_edits')} edits")
+        for path in files.values():
+            logger.client.log_artifact(logger.parent, str(path), "reports")
     (out / "comparison.md").write_text(table + "\n")
     logger.client.log_text(logger.parent, table, "comparison.md")
     result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
               "cells": ordered, "config": to_dict(cfg)}
     logger.client.log_dict(logger.parent, result, "grid_summary.json")
     logger.client.set_terminated(logger.parent)
+    _save_json(out / "grid_summary.json", result)
     if cfg.output_json:
         _save_json(Path(cfg.output_json), result)
     return result

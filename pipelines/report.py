@@ -1,33 +1,76 @@
 """Comparison reports over several edit-stream summaries (one per editor or grid cell):
-a markdown table of final metrics and a plot of metrics against edits applied."""
+tables of final metrics (markdown and HTML) and plots of metrics against edits applied.
+
+A summary is what `EditStream.summary` / the grid write: `final` and `unedited` metrics,
+`history` (one dict per evaluation point, with `edits`), `retention_first_k`,
+`edits_per_second`. Capability scores are the `cap.<task>.<metric>` keys.
+"""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 TABLE_COLUMNS = ("efficacy", "generalization", "specificity", "fluency", "retention_efficacy",
                  "retention_generalization", "retention_specificity")
-CURVES = ("efficacy", "generalization", "specificity", "retention_efficacy",
-          "retention_generalization", "retention_specificity")
+EDIT_METRICS = ("efficacy", "generalization", "specificity")
+RETENTION_METRICS = ("retention_efficacy", "retention_generalization", "retention_specificity")
+CURVES = EDIT_METRICS + RETENTION_METRICS
+CAPABILITY_PREFIX = "cap."
 
 
 def _cell(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def comparison_table(summaries: dict[str, dict]) -> str:
-    """Markdown: one row per summary (final metrics, edits/s) plus the unedited model."""
+def capability_metrics(summaries: dict[str, dict]) -> list[str]:
+    """The `cap.*` metric names any summary has, in a stable order."""
+    names = {k for s in summaries.values() for h in [s["final"], *s["history"]] for k in h
+             if k.startswith(CAPABILITY_PREFIX)}
+    return sorted(names)
+
+
+def _short(metric: str, k: int) -> str:
+    name = metric.replace("retention_", f"first-{k} ")
+    return name[len(CAPABILITY_PREFIX):].replace("rlsedit_", "") if name.startswith(
+        CAPABILITY_PREFIX) else name
+
+
+def comparison_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: the unedited model, then one row per summary (final metrics,
+    capability scores, edits/s)."""
     any_summary = next(iter(summaries.values()))
     k = any_summary["retention_first_k"]
-    header = ["editor", *TABLE_COLUMNS, "edits/s"]
-    header = [h.replace("retention_", f"first-{k} ") for h in header]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    columns = [*TABLE_COLUMNS, *capability_metrics(summaries)]
+    header = ["editor", *(_short(c, k) for c in columns), "edits/s"]
     base = any_summary["unedited"]
-    lines.append("| unedited | " + " | ".join(_cell(base.get(c)) for c in TABLE_COLUMNS) + " | |")
+    rows = [["unedited", *(_cell(base.get(c)) for c in columns), ""]]
     for name, s in summaries.items():
-        cells = [_cell(s["final"].get(c)) for c in TABLE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['edits_per_second']:.3f} |")
+        rows.append([name, *(_cell(s["final"].get(c)) for c in columns),
+                     f"{s['edits_per_second']:.3f}"])
+    return header, rows
+
+
+def comparison_table(summaries: dict[str, dict]) -> str:
+    """Markdown table of `comparison_rows`."""
+    header, rows = comparison_rows(summaries)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def comparison_html(summaries: dict[str, dict], title: str = "") -> str:
+    """A standalone HTML page with the table of `comparison_rows`."""
+    header, rows = comparison_rows(summaries)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                     for row in rows)
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            "</title><style>table{border-collapse:collapse;font-family:sans-serif}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}</style></head><body>"
+            f"<h3>{html.escape(title)}</h3>\n<table><tr>{head}</tr>\n{body}\n</table>"
+            "</body></html>\n")
 
 
 def curves_table(summaries: dict[str, dict], metric: str) -> str:
@@ -35,32 +78,42 @@ def curves_table(summaries: dict[str, dict], metric: str) -> str:
     steps = sorted({h["edits"] for s in summaries.values() for h in s["history"]})
     lines = ["| edits | " + " | ".join(summaries) + " |", "|" + "---|" * (len(summaries) + 1)]
     for step in steps:
-        row = [next((h[metric] for h in s["history"] if h["edits"] == step), None)
+        row = [next((h.get(metric) for h in s["history"] if h["edits"] == step), None)
                for s in summaries.values()]
         lines.append(f"| {step} | " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(summaries: dict[str, dict], path: str | Path, title: str = "") -> Path:
-    """One panel per metric in CURVES against edits applied, one line per summary; the
-    unedited model's value as a dashed grey line. Written as PNG to `path`."""
+def plot_panels(summaries: dict[str, dict], metrics: list[str] | tuple[str, ...],
+                path: str | Path, title: str = "", unit_range: bool = True) -> Path:
+    """One panel per metric against edits applied, one line per summary, the unedited
+    model's value as a dashed grey line. Written as PNG to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.7 * cols, 3.8 * rows), sharex=True,
+                             squeeze=False)
     base = next(iter(summaries.values()))["unedited"]
     k = next(iter(summaries.values()))["retention_first_k"]
-    for ax, metric in zip(axes.flat, CURVES):
+    for ax, metric in zip(axes.flat, metrics):
         for name, s in summaries.items():
-            xs = [h["edits"] for h in s["history"]]
-            ax.plot(xs, [h[metric] for h in s["history"]], marker="o", label=name)
-        if metric in base:
+            points = [(h["edits"], h[metric]) for h in s["history"] if h.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        if base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
-        ax.set_title(metric.replace("retention_", f"retention (first {k}): "))
-        ax.set_ylim(-0.02, 1.02)
+        label = metric.replace("retention_", f"retention (first {k}): ")
+        ax.set_title(label[len(CAPABILITY_PREFIX):] if label.startswith(CAPABILITY_PREFIX)
+                     else label, fontsize=10)
+        if unit_range and not any(w in metric for w in ("perplexity", "bits_per_byte")):
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("edits applied")
     axes.flat[0].legend(fontsize=8)
@@ -72,3 +125,34 @@ def plot_curves(summaries: dict[str, dict], path: str | Path, title: str = "") -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_curves(summaries: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Edit metrics (top row) and retention of the first k edits (bottom row) in one PNG."""
+    return plot_panels(summaries, CURVES, path, title)
+
+
+def write_reports(summaries: dict[str, dict], out_dir: str | Path, stem: str,
+                  title: str = "") -> dict[str, Path]:
+    """Every report of one comparison, as files in `out_dir` named `<kind>-<stem>.*`:
+    metrics, retention and (when scored) capability plots against edits applied, and
+    the final table as markdown and HTML. Returns {kind: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = next(iter(summaries.values()))["retention_first_k"]
+    files = {
+        "metrics": plot_panels(summaries, EDIT_METRICS, out_dir / f"metrics-{stem}.png",
+                               f"{title}: edit metrics"),
+        "retention": plot_panels(summaries, RETENTION_METRICS, out_dir / f"retention-{stem}.png",
+                                 f"{title}: retention of the first {k} edits"),
+    }
+    capability = capability_metrics(summaries)
+    if capability:
+        files["capability"] = plot_panels(summaries, capability,
+                                          out_dir / f"capability-{stem}.png",
+                                          f"{title}: capability", unit_range=True)
+    files["table_md"] = out_dir / f"comparison-{stem}.md"
+    files["table_md"].write_text(f"{title}\n\n{comparison_table(summaries)}\n")
+    files["table_html"] = out_dir / f"comparison-{stem}.html"
+    files["table_html"].write_text(comparison_html(summaries, title))
+    return files

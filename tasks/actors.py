@@ -7,11 +7,13 @@ an event with both references. Editing never waits for evaluation.
 
 `Evaluator` loads its base model once; for each snapshot it writes the snapshot's layers
 into that model, scores the CounterFact metrics on the edits so far and the retention of
-the first ones, plus perplexity on held-out text, and puts the base weights back.
+the first ones, perplexity on held-out text and, when asked, the lm-eval capability suite
+(`tasks/capability.py`, on the same in-memory model), and puts the base weights back.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +21,10 @@ import ray
 import torch
 
 from tasks.anchor import AnchorStats, read_corpus
+from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
 from tasks.data import load_requests
-from tasks.metrics import perplexity
+from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
 from tasks.stream import EditStream, StreamConfig, evaluation, stream_fluency, unedited_scores
 
@@ -37,11 +40,15 @@ class HeldoutArgs:
 
 
 def _use_threads() -> None:
+    if not ray.is_initialized():   # used as a plain object outside Ray: keep torch's default
+        return
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(round(cpus))))
 
 
 def _device() -> str:
+    if not ray.is_initialized():
+        return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
 
 
@@ -53,12 +60,12 @@ class EditorActor:
     """Holds one cell's model and editor (`EditStream`) for the whole stream."""
 
     def __init__(self, cfg: dict, anchor: dict[int, tuple[np.ndarray, int]],
-                 baseline: dict, evaluator, heldout: dict):
+                 baseline: dict, evaluator, heldout: dict, capability: dict | None = None):
         _use_threads()
         config = from_dict(StreamConfig, {**cfg, "device": _device()})
         stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
                  for l, (cov, count) in anchor.items()}
-        self.cfg, self.heldout = cfg, heldout
+        self.cfg, self.heldout, self.capability = cfg, heldout, capability
         self.stream = EditStream(config, anchor=stats, baseline=baseline)
         self.evaluator = evaluator
 
@@ -71,7 +78,7 @@ class EditorActor:
             if stream.step():
                 snapshot = ray.put(to_numpy(stream.edited_layers()))
                 metrics = self.evaluator.evaluate.remote(self.cfg, snapshot, stream.position,
-                                                         self.heldout)
+                                                         self.heldout, self.capability)
                 stream.record({})   # speed and step stats; quality metrics come from `metrics`
                 stream.checkpoint()
                 yield {"edits": stream.position, "snapshot": snapshot, "metrics": metrics,
@@ -84,13 +91,17 @@ class EditorActor:
 
 
 class Evaluator:
-    """A base model that scores snapshots of edited layers."""
+    """A base model that scores snapshots of edited layers. Usable as a Ray actor or as a
+    plain object (`pipelines.reeval` without a cluster)."""
 
     def __init__(self, model: str):
         _use_threads()
+        self.model_name = model
         self.lm = load_model(model, device=_device())
         self._requests: dict[str, list] = {}
         self._heldout: dict[str, list[str]] = {}
+        self._suites: dict[str, CapabilitySuite] = {}
+        self._unedited_capability: dict[str, dict] = {}
 
     def _stream_inputs(self, cfg: dict):
         config = from_dict(StreamConfig, cfg)
@@ -107,26 +118,81 @@ class Evaluator:
             self._heldout[key] = read_corpus(args.corpus, args.n_texts, offset=args.offset)
         return perplexity(self.lm, self._heldout[key], args.max_tokens)
 
-    def baseline(self, cfg: dict, heldout: dict) -> dict:
-        """The unedited model's scores on a cell's requests (disk-cached), and perplexity."""
+    def _suite(self, capability: dict) -> CapabilitySuite:
+        args = from_dict(CapabilityArgs, capability, where="capability.")
+        key = suite_key(args)
+        if key not in self._suites:
+            self._suites[key] = CapabilitySuite(self.lm, args)
+            # the unedited reference, taken while the model still holds its base weights
+            self._unedited_capability[key] = unedited_capability(self._suites[key],
+                                                                 self.model_name)
+        return self._suites[key]
+
+    def capability_baseline(self, capability: dict) -> dict[str, float]:
+        """The unedited model's capability scores as `cap.<task>.<metric>` (disk-cached)."""
+        suite = self._suite(capability)
+        return {f"cap.{k}": v for k, v in self._unedited_capability[suite_key(suite.args)].items()}
+
+    def baseline(self, cfg: dict, heldout: dict, capability: dict | None = None) -> dict:
+        """The unedited model's scores on a cell's requests (disk-cached), perplexity and,
+        when `capability` selects a suite, its scores."""
         config, requests = self._stream_inputs(cfg)
         scores = dict(unedited_scores(self.lm, requests, config))
         scores["perplexity"] = self._perplexity(heldout)
+        if capability and from_dict(CapabilityArgs, capability).enabled:
+            scores.update(self.capability_baseline(capability))
         return scores
+
+    @contextmanager
+    def _weights(self, snapshot: dict[str, np.ndarray]):
+        """The base model with `snapshot`'s layers written in, restored on exit."""
+        params = dict(self.lm.model.named_parameters())
+        unknown = [name for name in snapshot if name not in params]
+        if unknown:
+            raise KeyError(f"snapshot layers {unknown} are not parameters of {self.model_name}")
+        original = {name: params[name].detach().clone() for name in snapshot}
+        try:
+            with torch.no_grad():
+                for name, weight in snapshot.items():
+                    params[name].copy_(torch.as_tensor(np.asarray(weight)))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in original.items():
+                    params[name].copy_(weight)
 
     @torch.no_grad()
     def evaluate(self, cfg: dict, snapshot: dict[str, np.ndarray], n_done: int,
-                 heldout: dict) -> dict:
+                 heldout: dict, capability: dict | None = None) -> dict:
+        """CounterFact metrics after `n_done` edits, retention, perplexity and (when
+        `capability` selects a suite) `cap.<task>.<metric>` scores of the snapshot."""
         config, requests = self._stream_inputs(cfg)
-        params = dict(self.lm.model.named_parameters())
-        original = {name: params[name].detach().clone() for name in snapshot}
-        try:
-            for name, weight in snapshot.items():
-                params[name].copy_(torch.from_numpy(np.array(weight)))
+        suite = self._suite(capability) if capability and \
+            from_dict(CapabilityArgs, capability).enabled else None
+        with self._weights(snapshot):
             metrics = evaluation(self.lm, requests, config, n_done,
                                  final=n_done == config.num_edits)
             metrics["perplexity"] = self._perplexity(heldout)
-        finally:
-            for name, weight in original.items():
-                params[name].copy_(weight)
+            if suite is not None:
+                metrics.update({f"cap.{k}": v for k, v in suite.score().items()})
+        return metrics
+
+    @torch.no_grad()
+    def rescore(self, cfg: dict, snapshot: dict[str, np.ndarray], n_done: int,
+                first_k: int | None, capability: dict | None) -> dict:
+        """For `pipelines.reeval`: `reeval.first<k>.<metric>` (CounterFact metrics of the
+        stream's first `first_k` edits, or of all `n_done` applied when fewer; None skips)
+        and `cap.<task>.<metric>` (the suite `capability` selects; None skips) of a
+        snapshot taken after `n_done` edits. `{}` is the base model (pass n_done=first_k)."""
+        config, requests = self._stream_inputs(cfg)
+        suite = self._suite(capability) if capability else None
+        metrics = {}
+        with self._weights(snapshot):
+            if first_k:
+                k = min(first_k, n_done, len(requests))
+                scores = score_requests(self.lm, requests[:k], config.eval_batch_size)
+                metrics.update({f"reeval.first{first_k}.{name}": value
+                                for name, value in aggregate(scores).items()})
+            if suite is not None:
+                metrics.update({f"cap.{k}": v for k, v in suite.score().items()})
         return metrics

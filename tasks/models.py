@@ -202,7 +202,7 @@ def build_tiny_llama(seed: int = 0):
     tok = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
         initializer_range=0.2,  # large enough that a residual delta can move the logits
     )

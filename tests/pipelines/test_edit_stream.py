@@ -36,7 +36,10 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "efficacy")
     assert [m.step for m in history] == [4, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config.json", "summary.json", "edited_layers.safetensors"} <= artifacts
+    assert {"config.json", "summary.json", "edited_layers.safetensors", "snapshots"} <= artifacts
+    snapshots = mlflow.MlflowClient().list_artifacts(run.info.run_id, "snapshots")
+    assert [a.path for a in snapshots] == ["snapshots/edits-4.safetensors",
+                                           "snapshots/edits-6.safetensors"]
 
     cached = list((isolated_stores / "cache" / "unedited").glob("*.json"))
     assert any(json.loads(path.read_text())["scores"] == saved["unedited"] for path in cached)

@@ -12,6 +12,14 @@ from tests.conftest import CORPUS, EDIT_DATA, ROOT
 SMOKE = ROOT / "pipelines" / "configs" / "smoke.yaml"
 
 
+def colored_fraction(png) -> float:
+    """Share of pixels in a saturated colour: the plotted lines (axes and text are grey)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(str(png))[..., :3]
+    return float(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3).mean())
+
+
 def smoke_args(tmp_path, *extra):
     """The smoke grid with absolute data paths (a Ray job runs in a copy of the tree)."""
     return ["--config", str(SMOKE), "--set", f"output_dir={tmp_path / 'grid'}",
@@ -61,14 +69,27 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
         assert [m.step for m in history] == [4, 6]
         assert client.get_metric_history(run.info.run_id, "perplexity")[-1].value > 1
         assert run.data.metrics["unedited_efficacy"] >= 0
+        assert 0 <= run.data.metrics["unedited_cap.rlsedit_sst2.acc"] <= 1
+        capability = client.get_metric_history(run.info.run_id, "cap.rlsedit_sst2.acc")
+        assert [m.step for m in capability] == [4, 6]
+        assert client.get_metric_history(run.info.run_id,
+                                         "cap.rlsedit_agnews_ppl.word_perplexity")[-1].value > 1
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"summary.json", "config.json", "edited_layers.safetensors",
                 "snapshots"} <= artifacts
         snapshots = {a.path for a in client.list_artifacts(run.info.run_id, "snapshots")}
         assert snapshots == {"snapshots/edits-4.safetensors", "snapshots/edits-6.safetensors"}
     parent_artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"comparison-tiny-llama.png", "comparison.md", "grid_summary.json"} <= parent_artifacts
-    assert (tmp_path / "grid" / "comparison-tiny-llama.png").stat().st_size > 10_000
+    assert {"reports", "comparison.md", "grid_summary.json"} <= parent_artifacts
+    reports = {a.path.split("/")[-1] for a in client.list_artifacts(parent, "reports")}
+    kinds = ("metrics", "retention", "capability")
+    assert reports == {f"{kind}-tiny-llama.png" for kind in kinds} | {
+        "comparison-tiny-llama.md", "comparison-tiny-llama.html"}
+    for kind in kinds:   # next to grid_summary.json, with coloured lines drawn on it
+        assert colored_fraction(tmp_path / "grid" / f"{kind}-tiny-llama.png") > 1e-3
+    assert (tmp_path / "grid" / "grid_summary.json").exists()
+    page = (tmp_path / "grid" / "comparison-tiny-llama.html").read_text()
+    assert page.count("<tr>") == 6 and "sst2.acc" in page   # header, unedited, 4 editors
     table = json.loads((tmp_path / "grid.json").read_text())["table"]
     for editor in ("rlsedit", "memit", "alphaedit", "ft"):
         assert f"| tiny-llama-{editor}-s0 |" in table
@@ -78,6 +99,22 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
     assert again["cells"] == result["cells"]
     assert len(client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")) == 4
+
+    # re-evaluation of the grid's snapshots through evaluator actors on the same cluster
+    from pipelines.reeval import parse_args as reeval_args, run_reeval
+
+    argv = [arg for run in children for arg in ("--run-id", run.info.run_id)]
+    argv += ["--first-k", "2", "--set", "evaluator_cpus=0.5"]
+    scored = run_reeval(reeval_args(argv))["scored"]
+    assert sorted((s["run"], s["step"]) for s in scored) == sorted(
+        (name, step) for name in names for step in (4, 6))
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "reeval.first2.efficacy")
+        assert [m.step for m in history] == [4, 6]
+        # the grid's own retention is of the first 1 edit (10% of 6): a different metric
+        assert [m.step for m in client.get_metric_history(run.info.run_id,
+                                                          "retention_efficacy")] == [4, 6]
+    assert run_reeval(reeval_args(argv))["scored"] == []
 
 
 def test_grid_config_errors_name_the_problem(tmp_path):

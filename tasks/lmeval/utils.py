@@ -1,0 +1,111 @@
+"""Local data and metrics for rlsedit's lm-eval tasks (the YAMLs next to this file).
+
+Every loader reads `../shared/data` (or `$RLSEDIT_DATA_DIR`, or the `data_dir` metadata
+given to lm-eval's TaskManager) and returns {split: datasets.Dataset}, so the tasks run
+with no hub. lm-eval imports this file by path: keep it free of rlsedit imports.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import datasets
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# AG News test.tsv rows: the anchor statistics read the first 2,000 texts (AnchorArgs) and
+# held-out perplexity reads from row 7,000 on (HeldoutArgs), so the topic task uses neither.
+AGNEWS_TOPIC_ROWS = (2000, 7000)
+AGNEWS_HELDOUT_START = 7000
+AGNEWS_LABELS = {"World": 0, "Sports": 1, "Business": 2, "Sci/Tech": 3}
+
+
+def data_root(data_dir: str | None = None) -> Path:
+    root = Path(data_dir or os.environ.get("RLSEDIT_DATA_DIR")
+                or PROJECT_ROOT.parent / "shared" / "data")
+    if not root.is_dir():
+        raise FileNotFoundError(f"rlsedit data folder {root} not found: set RLSEDIT_DATA_DIR "
+                                f"or pass data_dir in the task metadata")
+    return root
+
+
+def _tsv_rows(path: Path, header: bool) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[1:] if header else rows
+
+
+def load_sst2(data_dir: str | None = None, **_) -> dict:
+    """GLUE SST-2 validation sentences: {sentence, label (0 negative, 1 positive)}."""
+    rows = _tsv_rows(data_root(data_dir) / "sst2" / "test.tsv", header=True)
+    return {"test": datasets.Dataset.from_list(
+        [{"sentence": s, "label": int(y)} for s, y in rows])}
+
+
+def _agnews(data_dir: str | None) -> list[list[str]]:
+    return _tsv_rows(data_root(data_dir) / "agnews" / "test.tsv", header=False)
+
+
+def load_agnews_topic(data_dir: str | None = None, **_) -> dict:
+    """AG News articles {text, label 0-3: World, Sports, Business, Sci/Tech}."""
+    first, stop = AGNEWS_TOPIC_ROWS
+    docs = [{"text": " ".join(t.replace("\\", " ").split()), "label": AGNEWS_LABELS[y]}
+            for t, y in _agnews(data_dir)[first:stop]]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_agnews_heldout(data_dir: str | None = None, **_) -> dict:
+    """AG News texts after the topic task's rows: held-out text for perplexity."""
+    docs = [{"text": " ".join(t.replace("\\", " ").split())}
+            for t, _ in _agnews(data_dir)[AGNEWS_HELDOUT_START:]]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_gsm8k(data_dir: str | None = None, **_) -> dict:
+    """GSM8K test problems {question, answer}; the answer ends with `#### N`."""
+    path = data_root(data_dir) / "gsm8k" / "test.jsonl"
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_humaneval(data_dir: str | None = None, **_) -> dict:
+    """HumanEval problems {task_id, prompt, canonical_solution, test, entry_point}."""
+    path = data_root(data_dir) / "humaneval" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def humaneval_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """Filter: each completion becomes the whole function (prompt + completion)."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def passes(program: str, timeout: float = 10.0) -> bool:
+    """Run `program` (solution + its unit tests) in a fresh Python process; True when it
+    exits cleanly within `timeout` seconds. Only reached when the user allowed code
+    execution (lm-eval refuses `unsafe_code` tasks otherwise)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "program.py"
+        path.write_text(program)
+        try:
+            done = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, timeout=timeout,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
+
+
+def humaneval_pass_at_1(doc: dict, results: list) -> dict:
+    """pass@1 of one problem with greedy decoding: the first program passes its tests."""
+    program = results[0][0] if isinstance(results[0], list) else results[0]
+    test = f"{program}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+    return {"pass_at_1": float(passes(test))}
