@@ -1,25 +1,7 @@
 #!/usr/bin/env bash
-# Submit a grid as a Ray job to a running cluster and follow its logs.
-# usage: cluster/submit_grid.sh CONFIG.yaml [--set key=value ...]
-#   RAY_ADDRESS          the cluster's dashboard (default http://127.0.0.1:8265)
-#   MLFLOW_TRACKING_URI  where runs go (default: sqlite store ./mlflow.db of this folder)
-# Relative paths in the config (data, output_dir) are read against this folder
-# (RLSEDIT_WORKDIR), which the job's nodes must see: a laptop or a shared file system.
+# Submit a grid as a Ray job: cluster/submit_grid.sh CONFIG.yaml [--set key=value ...]
+# (cluster/submit_job.sh has the environment variables it reads).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 config=${1:?usage: cluster/submit_grid.sh CONFIG.yaml [--set key=value ...]}
 shift
-export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
-tracking=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}
-cache=${RLSEDIT_CACHE:-$HOME/.cache/rlsedit}
-python=${PYTHON:-.venv/bin/python}
-env_json=$("$python" - "$PWD" "$tracking" "$cache" <<'PY'
-import json, sys, yaml
-env = yaml.safe_load(open("cluster/runtime_env.yaml"))
-env.setdefault("env_vars", {}).update(RLSEDIT_WORKDIR=sys.argv[1], MLFLOW_TRACKING_URI=sys.argv[2],
-                                      RLSEDIT_CACHE=sys.argv[3])
-print(json.dumps(env))
-PY
-)
-exec "$(dirname "$python")/ray" job submit --working-dir . --runtime-env-json "$env_json" -- \
-    python -m pipelines.grid --config "$config" "$@"
+exec "$(dirname "$0")/submit_job.sh" pipelines.grid --config "$config" "$@"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from tasks.anchor import AnchorArgs
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
-from tasks.files import write_atomically
+from tasks.files import workdir_path, write_atomically
 from tasks.models import resolve_spec
 from tasks.stream import StreamConfig
 
@@ -75,16 +74,9 @@ class Cell:
 
 
 def resolve_paths(cfg: GridConfig) -> GridConfig:
-    """Relative data and output paths, read against $RLSEDIT_WORKDIR when it is set: under
-    `ray job submit` the driver runs in an unpacked copy of the tree, not where it was
-    launched (cluster/submit_grid.sh sets it to the submitting folder)."""
-    base = Path(os.environ.get("RLSEDIT_WORKDIR", "."))
-
-    def fix(path: str | None) -> str | None:
-        if path is None or path.startswith("hub:") or Path(path).is_absolute():
-            return path
-        return str((base / path).resolve())
-
+    """Relative data and output paths made absolute (`workdir_path`: against
+    $RLSEDIT_WORKDIR under `ray job submit`), so every actor reads the same files."""
+    fix = workdir_path
     stream = dict(cfg.stream)
     stream["data"] = fix(stream.get("data", StreamConfig.data))
     stream["anchor"] = {**stream.get("anchor", {})}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import from_dict, load_yaml, set_override, to_dict
+from tasks.files import workdir_path
 
 log = logging.getLogger("rlsedit.reeval")
 
@@ -97,6 +98,7 @@ def plan(client, cfg: ReevalConfig, tasks: list[str]) -> list[Job]:
             stream = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp))
                                 .read_text())
         stream.pop("editor_settings", None)
+        stream["data"] = workdir_path(stream["data"])   # an edit_stream run may log it relative
         if FINAL_WEIGHTS in top:
             snapshots.setdefault(int(stream["num_edits"]), FINAL_WEIGHTS)
         scored = _steps(client, run_id, f"reeval.first{cfg.first_k}.efficacy")

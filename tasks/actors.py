@@ -13,6 +13,7 @@ the first ones, perplexity on held-out text and, when asked, the lm-eval capabil
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -189,10 +190,14 @@ class Evaluator:
         metrics = {}
         with self._weights(snapshot):
             if first_k:
+                tic = time.perf_counter()
                 k = min(first_k, n_done, len(requests))
                 scores = score_requests(self.lm, requests[:k], config.eval_batch_size)
                 metrics.update({f"reeval.first{first_k}.{name}": value
                                 for name, value in aggregate(scores).items()})
+                metrics["timing.retention_seconds"] = time.perf_counter() - tic
             if suite is not None:
+                tic = time.perf_counter()
                 metrics.update({f"cap.{k}": v for k, v in suite.score().items()})
+                metrics["timing.capability_seconds"] = time.perf_counter() - tic
         return metrics

@@ -15,3 +15,13 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def workdir_path(path: str | None) -> str | None:
+    """`path` made absolute against $RLSEDIT_WORKDIR (else the current folder). Under `ray
+    job submit` a driver runs in an unpacked copy of the tree, not where it was launched;
+    cluster/submit_job.sh sets RLSEDIT_WORKDIR to the submitting folder. Hub names
+    (`hub:...`) and absolute paths are returned as they are."""
+    if path is None or path.startswith("hub:") or Path(path).is_absolute():
+        return path
+    return str((Path(os.environ.get("RLSEDIT_WORKDIR", ".")) / path).resolve())

@@ -126,3 +126,10 @@ def test_grid_config_errors_name_the_problem(tmp_path):
         grid_cells(parse_args(smoke_args(tmp_path, "--set", "stream.num_edit=3")))
     with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
         grid_cells(parse_args(smoke_args(tmp_path, "--set", "models=[gpt-9]")))
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-1k", "full-10k"])
+def test_shipped_grid_configs_resolve(name, tmp_path):
+    cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / f"{name}.yaml"),
+                      "--set", f"output_dir={tmp_path}"])
+    assert grid_cells(cfg)

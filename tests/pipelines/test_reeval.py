@@ -59,8 +59,9 @@ def test_reeval_adds_scores_per_snapshot_and_a_second_call_adds_nothing(tmp_path
     more = run_reeval(parse_args(argv + ["--set", "capability.tasks=[rlsedit_sst2,"
                                                   "rlsedit_agnews]"]))
     assert [s["step"] for s in more["scored"]] == [4, 6]   # only the task not yet scored
-    assert all(set(s) == {"run", "step", "cap.rlsedit_agnews.acc", "cap.rlsedit_agnews.acc_norm"}
-               for s in more["scored"])
+    assert all(set(s) == {"run", "step", "cap.rlsedit_agnews.acc", "cap.rlsedit_agnews.acc_norm",
+                          "timing.capability_seconds"} for s in more["scored"])
+    assert all(s["timing.capability_seconds"] > 0 for s in more["scored"])
 
 
 def test_reeval_refuses_bad_requests():
