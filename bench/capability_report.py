@@ -4,8 +4,8 @@
     python -m bench.capability_report --compare-dir runs/compare-smollm2-135m-n1000 --append
 
 Each editor's stream run (MLflow) gets the suite's `cap.*` scores and the retention of its
-first k edits at every logged snapshot (what reeval has not scored yet), then the table
-reads them back at the last step: unedited model first, then one row per editor, with the
+first k edits on its final weights (what reeval has not scored yet; `--all-snapshots`:
+on every logged snapshot), then the table reads them back at the last step: unedited model first, then one row per editor, with the
 seconds the capability suite and the retention scoring took on that snapshot.
 """
 
@@ -33,6 +33,7 @@ def main(argv=None):
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--limit", type=int, default=None, help="documents per task")
     parser.add_argument("--first-k", type=int, default=100)
+    parser.add_argument("--all-snapshots", action="store_true")
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
     from mlflow import MlflowClient
@@ -44,7 +45,8 @@ def main(argv=None):
     capability = CapabilityArgs(profile=opts.profile, limit=opts.limit)
     tic = time.perf_counter()
     run_reeval(ReevalConfig(run_ids=[s["mlflow_run_id"] for s in summaries.values()],
-                            first_k=opts.first_k, capability=capability, use_ray=False))
+                            first_k=opts.first_k, capability=capability, use_ray=False,
+                            last_only=not opts.all_snapshots))
     elapsed = time.perf_counter() - tic
 
     client = MlflowClient()

@@ -40,6 +40,7 @@ FINAL_WEIGHTS = "edited_layers.safetensors"
 class ReevalConfig:
     experiment: str | None = None        # every qualifying run of this MLflow experiment
     run_ids: list[str] | None = None     # or exactly these runs
+    last_only: bool = False              # only each run's latest snapshot
     first_k: int = 100                   # retention = metrics of the first k edits
     capability: CapabilityArgs = field(default_factory=CapabilityArgs)
     use_ray: bool = True
@@ -104,7 +105,9 @@ def plan(client, cfg: ReevalConfig, tasks: list[str]) -> list[Job]:
         scored = _steps(client, run_id, f"reeval.first{cfg.first_k}.efficacy")
         task_steps = {t: _steps(client, run_id, next(
             (k for k in run.data.metrics if k.startswith(f"cap.{t}.")), None)) for t in tasks}
-        for step, artifact in sorted(snapshots.items()):
+        steps = sorted(snapshots)[-1:] if cfg.last_only else sorted(snapshots)
+        for step in steps:
+            artifact = snapshots[step]
             job = Job(run_id, run.info.run_name, stream["model"], stream, artifact, step,
                       retention=step not in scored,
                       tasks=[t for t in tasks if step not in task_steps[t]])
@@ -237,6 +240,7 @@ def parse_args(argv=None) -> ReevalConfig:
     parser.add_argument("--run-id", action="append", dest="run_ids")
     parser.add_argument("--first-k", type=int)
     parser.add_argument("--capability", metavar="PROFILE", help="also score this suite (cpu, full)")
+    parser.add_argument("--last-only", action="store_true", help="only each run's latest snapshot")
     parser.add_argument("--no-ray", action="store_true", help="score in this process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, e.g. capability.limit=50 (repeatable)")
@@ -250,6 +254,8 @@ def parse_args(argv=None) -> ReevalConfig:
         data.setdefault("capability", {})["profile"] = args.capability
     if args.no_ray:
         data["use_ray"] = False
+    if args.last_only:
+        data["last_only"] = True
     for assignment in args.set:
         set_override(data, assignment)
     cfg = from_dict(ReevalConfig, data)

@@ -30,8 +30,10 @@ def test_reeval_adds_scores_per_snapshot_and_a_second_call_adds_nothing(tmp_path
 
     argv = ["--experiment", "reeval-test", "--first-k", "3", "--no-ray",
             "--set", "capability.tasks=[rlsedit_sst2]", "--set", "capability.limit=2"]
-    result = run_reeval(parse_args(argv))
-    assert sorted(s["step"] for s in result["scored"]) == [4, 6]
+    latest = run_reeval(parse_args(argv + ["--last-only"]))
+    assert [s["step"] for s in latest["scored"]] == [6]
+    rest = run_reeval(parse_args(argv))   # the snapshot at 4 is all that is left
+    assert [s["step"] for s in rest["scored"]] == [4]
 
     after = all_history(client, run_id)
     for key, points in before.items():   # nothing logged before has changed
