@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.report import comparison_table, curves_table, plot_curves
+from pipelines.report import comparison_table, curves_table, plot_curves, write_reports
 from tasks.editors import editor_registry
 
 DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
@@ -54,7 +54,7 @@ def run_editor(opts, editor: str, threads: int) -> tuple[str, int]:
     return editor, done.returncode
 
 
-def log_to_mlflow(opts, summaries: dict, table: str, plot_path: Path) -> str:
+def log_to_mlflow(opts, summaries: dict, table: str, files: list[Path]) -> str:
     import mlflow
 
     mlflow.set_experiment(opts.experiment)
@@ -68,7 +68,8 @@ def log_to_mlflow(opts, summaries: dict, table: str, plot_path: Path) -> str:
                                 if isinstance(v, float)})
             mlflow.log_metric(f"{name}.edits_per_second", s["edits_per_second"])
         mlflow.log_text(table, "comparison.md")
-        mlflow.log_artifact(str(plot_path))
+        for path in files:
+            mlflow.log_artifact(str(path))
         mlflow.log_dict(summaries, "summaries.json")
         return run.info.run_id
 
@@ -105,10 +106,11 @@ def main(argv=None):
 
     title = f"{opts.model}: {opts.num_edits} sequential CounterFact edits, batch {opts.batch_size}"
     plot_path = plot_curves(summaries, Path(opts.out_dir) / "comparison.png", title)
+    reports = write_reports(summaries, opts.out_dir, opts.model.replace("/", "_"), title)
     table = comparison_table(summaries)
     curves = "\n\n".join(f"{metric}:\n\n{curves_table(summaries, metric)}"
                          for metric in ("efficacy", "specificity", "retention_efficacy"))
-    run_id = log_to_mlflow(opts, summaries, table + "\n\n" + curves, plot_path)
+    run_id = log_to_mlflow(opts, summaries, table + "\n\n" + curves, [plot_path, *reports.values()])
     print(f"\n{table}\n\n{curves}\n\nplot: {plot_path}\nMLflow run: {run_id}")
     if failed:
         print(f"FAILED: {failed} (see their stream.log); re-run the command to resume them")

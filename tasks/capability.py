@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import ConfigError
-from tasks.files import write_atomically
+from tasks.files import workdir_path, write_atomically
 from tasks.models import cache_root
 
 log = logging.getLogger("rlsedit.capability")
@@ -39,7 +39,7 @@ class CapabilityArgs:
     batch_size: int = 8
     max_length: int | None = None    # context cap for lm-eval (None: the model's)
     allow_code_execution: bool = False  # HumanEval runs model-written code only if true
-    data_dir: str | None = None      # default ../shared/data (or $RLSEDIT_DATA_DIR)
+    data_dir: str = "../shared/data"  # read against $RLSEDIT_WORKDIR under `ray job submit`
 
     @property
     def enabled(self) -> bool:
@@ -114,9 +114,9 @@ class CapabilitySuite:
             from lm_eval.tasks import TaskManager
 
             needs_hub_tasks = any(not t.startswith(LOCAL_PREFIX) for t in self.tasks)
-            metadata = {"data_dir": self.args.data_dir} if self.args.data_dir else None
             self._manager = TaskManager(include_path=str(LMEVAL_DIR),
-                                        include_defaults=needs_hub_tasks, metadata=metadata)
+                                        include_defaults=needs_hub_tasks,
+                                        metadata={"data_dir": workdir_path(self.args.data_dir)})
         return self._manager
 
     def score(self) -> dict[str, float]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.grid import grid_cells, parse_args, run_grid
-from tests.conftest import CORPUS, EDIT_DATA, ROOT
+from tests.conftest import CORPUS, DATA, EDIT_DATA, ROOT
 
 SMOKE = ROOT / "pipelines" / "configs" / "smoke.yaml"
 
@@ -24,7 +24,7 @@ def smoke_args(tmp_path, *extra):
     """The smoke grid with absolute data paths (a Ray job runs in a copy of the tree)."""
     return ["--config", str(SMOKE), "--set", f"output_dir={tmp_path / 'grid'}",
             "--set", f"stream.data={EDIT_DATA}", "--set", f"stream.anchor.corpus={CORPUS}",
-            "--set", f"heldout.corpus={CORPUS}", *extra]
+            "--set", f"heldout.corpus={CORPUS}", "--set", f"capability.data_dir={DATA}", *extra]
 
 
 @pytest.fixture(scope="module")
