@@ -155,7 +155,7 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for name, weight in snapshot.items():
-                    params[name].copy_(torch.as_tensor(np.asarray(weight)))
+                    params[name].copy_(torch.from_numpy(np.array(weight)))  # a writable copy
             yield
         finally:
             with torch.no_grad():
