@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.docs import append_section, command_line
 from pipelines.reeval import ReevalConfig, run_reeval
 from tasks.capability import CapabilityArgs
 
@@ -51,8 +52,8 @@ def main(argv=None):
 
     client = MlflowClient()
     first = next(iter(summaries.values()))
-    metrics = sorted(k[len("unedited_"):] for k in client.get_run(first["mlflow_run_id"])
-                     .data.metrics if k.startswith("unedited_cap."))
+    base = client.get_run(first["mlflow_run_id"]).data.metrics
+    metrics = sorted(k[len("unedited_"):] for k in base if k.startswith("unedited_cap."))
     retention = [f"reeval.first{opts.first_k}.{m}" for m in ("efficacy", "generalization",
                                                                "specificity")]
     columns = metrics + retention
@@ -60,7 +61,6 @@ def main(argv=None):
                                                    f"first-{opts.first_k} ") for c in columns]
     header = ["editor", "edits", *short, "capability s", "retention s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = client.get_run(first["mlflow_run_id"]).data.metrics
     lines.append("| unedited | 0 | " + " | ".join(
         f"{base['unedited_' + c]:.3f}" if "unedited_" + c in base else "" for c in columns)
         + " | | |")
@@ -75,12 +75,11 @@ def main(argv=None):
     table = "\n".join(lines)
     print(f"\n{table}\n\nreeval took {elapsed:.0f} s")
     if opts.append:
-        command = "python -m bench.capability_report " + " ".join(argv or sys.argv[1:])
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(f"\n### Capability suite `{opts.profile}` and first-{opts.first_k} retention "
-                    f"after {first['config']['num_edits']} edits ({first['config']['model']})\n\n"
-                    f"`{command}` ({platform.machine()}, {platform.processor() or 'CPU'}; "
-                    f"timings are of one snapshot, in this process)\n\n{table}\n")
+        append_section(f"Capability suite `{opts.profile}` and first-{opts.first_k} retention "
+                       f"after {first['config']['num_edits']} edits ({first['config']['model']})",
+                       command_line("bench.capability_report", argv),
+                       f"{platform.machine()}, {platform.processor() or 'CPU'}; "
+                       f"timings are of one snapshot, in this process", table)
 
 
 if __name__ == "__main__":

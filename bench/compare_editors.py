@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.docs import append_section, command_line
 from pipelines.report import comparison_table, curves_table, plot_curves, write_reports
 from tasks.editors import editor_registry
 
@@ -115,12 +116,11 @@ def main(argv=None):
     if failed:
         print(f"FAILED: {failed} (see their stream.log); re-run the command to resume them")
     if opts.append:
-        command = "python -m bench.compare_editors " + " ".join(argv or sys.argv[1:])
         layers = next(iter(summaries.values()))["edit_layers"]
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(f"\n### {title}, layers {layers}, {len(summaries)} editors\n\n"
-                    f"`{command}` ({opts.workers} editors at a time, {threads} thread(s) each)"
-                    f"\n\n{table}\n\n{curves}\n")
+        append_section(f"{title}, layers {layers}, {len(summaries)} editors",
+                       command_line("bench.compare_editors", argv),
+                       f"{opts.workers} editors at a time, {threads} thread(s) each",
+                       f"{table}\n\n{curves}")
     sys.exit(1 if failed else 0)
 
 

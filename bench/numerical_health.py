@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 
 import torch
 
+from bench.docs import append_section, command_line
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.editors.rls import RLSArgs, RLSEditor
 from tasks.edit_step import layer_weight
@@ -93,12 +93,11 @@ def main(argv=None):
     table = "\n".join(lines)
     print("\n" + table)
     if opts.append:
-        command = "python -m bench.numerical_health " + " ".join(argv or sys.argv[1:])
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(f"\n### Numerical health of the RLS recursion, {opts.model} layer {opts.layer} "
-                    f"shape (d_k={d_k}, d_v={d_v}), u=1, λ={opts.lam}, μ={opts.mu}\n\n"
-                    f"`{command}` ({platform.machine()} CPU, {torch.get_num_threads()} threads; "
-                    f"random keys and values at the anchor keys' and W0's scales)\n\n{table}\n")
+        append_section(f"Numerical health of the RLS recursion, {opts.model} layer {opts.layer} "
+                       f"shape (d_k={d_k}, d_v={d_v}), u=1, λ={opts.lam}, μ={opts.mu}",
+                       command_line("bench.numerical_health", argv),
+                       f"{platform.machine()} CPU, {torch.get_num_threads()} threads; random keys "
+                       f"and values at the anchor keys' and W0's scales", table)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
+from bench.docs import append_section, command_line
 from tasks.anchor import AnchorStats
 from tasks.editors.alphaedit import AlphaEditArgs, AlphaEditEditor
 from tasks.editors.memit import MEMITArgs, MEMITEditor
@@ -158,14 +158,13 @@ def main(argv=None):
     print("\nflat cost (time per update after the most edits / after the fewest):")
     print("\n".join(flat))
     if opts.append:
-        command = "python -m bench.update_cost " + " ".join(argv or sys.argv[1:])
         table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                  *(_row_line(r, baselines) for r in rows)]
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(f"\n### Update cost against edits already applied\n\n`{command}` "
-                    f"({platform.machine()} CPU, {torch.get_num_threads()} threads; matmul "
-                    f"limit {peak64 / 1e9:.1f} GFLOP/s float64, {peak32 / 1e9:.1f} float32)"
-                    f"\n\n" + "\n".join(table) + "\n\nFlat cost:\n\n" + "\n".join(flat) + "\n")
+        append_section("Update cost against edits already applied",
+                       command_line("bench.update_cost", argv),
+                       f"{platform.machine()} CPU, {torch.get_num_threads()} threads; matmul limit "
+                       f"{peak64 / 1e9:.1f} GFLOP/s float64, {peak32 / 1e9:.1f} float32",
+                       "\n".join(table) + "\n\nFlat cost:\n\n" + "\n".join(flat))
 
 
 if __name__ == "__main__":

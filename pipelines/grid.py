@@ -131,6 +131,17 @@ def _save_weights(path: Path, weights: dict) -> Path:
     return path
 
 
+def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
+    """The numeric entries of `metrics` as one MLflow batch at `step`."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
 class GridLogger:
     """The grid's MLflow runs: a parent, and a child per cell created on first use."""
 
@@ -164,12 +175,7 @@ class GridLogger:
         return children[cell.name]
 
     def metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float))]
-        self.client.log_batch(run_id, metrics=batch)
+        log_metrics(self.client, run_id, metrics, step)
 
 
 def run_grid(cfg: GridConfig) -> dict:
@@ -228,14 +234,13 @@ def run_grid(cfg: GridConfig) -> dict:
         run_id = logger.child(cell, settings, baselines[cell.model])
         _save_json(state_path, state)
         evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
-        actor = editor_actor.remote(cell.cfg, anchors[cell.model], baselines[cell.model],
-                                    evaluator, to_dict(cfg.heldout), to_dict(cfg.capability))
+        actor = editor_actor.remote(cell.cfg, anchors[cell.model], baselines[cell.model])
         actors[cell.name] = actor
         generators[actor.run.remote()] = cell
         results_path = cell.dir / "evals.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         pending[cell.name] = {"run_id": run_id, "results": results, "speed": {},
-                              "outstanding": 0, "done": None}
+                              "outstanding": 0, "done": None, "evaluator": evaluator}
 
     def finish(cell: Cell) -> None:
         p = pending.pop(cell.name)
@@ -282,13 +287,15 @@ def run_grid(cfg: GridConfig) -> dict:
                 finish(cell)
             continue
         n = event["edits"]
-        evals[event["metrics"]] = (cell, n)
+        scored = p["evaluator"].evaluate.remote(cell.cfg, event["snapshot"], n,
+                                                to_dict(cfg.heldout), to_dict(cfg.capability))
+        evals[scored] = (cell, n)
         p["outstanding"] += 1
         speed = {k: v for k, v in event["speed"].items() if k != "edits"}
         p["speed"][n] = speed
         logger.metrics(p["run_id"], speed, n)
         path = _save_weights(cell.dir / "snapshots" / f"edits-{n}.safetensors",
-                             ray.get(event["snapshot"]))
+                             event["snapshot"])
         logger.client.log_artifact(p["run_id"], str(path), "snapshots")
 
     for handles in evaluators.values():

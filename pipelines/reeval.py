@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.grid import log_metrics
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import from_dict, load_yaml, set_override, to_dict
 from tasks.files import workdir_path
@@ -122,15 +123,6 @@ def load_snapshot(client, job: Job) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         return load_file(client.download_artifacts(job.run_id, job.artifact, tmp))
-
-
-def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    if metrics:
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
-                                          for k, v in metrics.items()])
 
 
 class Evaluators:

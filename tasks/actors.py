@@ -1,9 +1,10 @@
 """Ray actors of the grid: one editor actor per cell, evaluator actors per model.
 
 `EditorActor.run` is a streaming generator: it applies the cell's stream in order and, at
-every evaluation point, publishes a snapshot of the edited layers (numpy, in the object
-store), hands it to an evaluator without waiting for the result, checkpoints, and yields
-an event with both references. Editing never waits for evaluation.
+every evaluation point, checkpoints and yields a snapshot of the edited layers (numpy).
+The driver owns each yielded event and hands the snapshot to an evaluator without
+waiting; editing never waits for evaluation. (Refs created inside the actor and yielded
+to the driver could be freed by Ray's reference counting before the driver read them.)
 
 `Evaluator` loads its base model once; for each snapshot it writes the snapshot's layers
 into that model, scores the CounterFact metrics on the edits so far and the retention of
@@ -61,28 +62,23 @@ class EditorActor:
     """Holds one cell's model and editor (`EditStream`) for the whole stream."""
 
     def __init__(self, cfg: dict, anchor: dict[int, tuple[np.ndarray, int]],
-                 baseline: dict, evaluator, heldout: dict, capability: dict | None = None):
+                 baseline: dict):
         _use_threads()
         config = from_dict(StreamConfig, {**cfg, "device": _device()})
         stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
                  for l, (cov, count) in anchor.items()}
-        self.cfg, self.heldout, self.capability = cfg, heldout, capability
         self.stream = EditStream(config, anchor=stats, baseline=baseline)
-        self.evaluator = evaluator
 
     def run(self):
-        """Yields {"edits", "snapshot", "metrics"} at each evaluation point (refs), then
+        """Yields {"edits", "snapshot", "speed"} at each evaluation point, then
         {"done": True, "summary", "edited"} with the final edited layers."""
         stream = self.stream
         stream.checkpoint()
         while not stream.done:
             if stream.step():
-                snapshot = ray.put(to_numpy(stream.edited_layers()))
-                metrics = self.evaluator.evaluate.remote(self.cfg, snapshot, stream.position,
-                                                         self.heldout, self.capability)
-                stream.record({})   # speed and step stats; quality metrics come from `metrics`
+                stream.record({})   # speed and step stats; quality metrics: the evaluator's
                 stream.checkpoint()
-                yield {"edits": stream.position, "snapshot": snapshot, "metrics": metrics,
+                yield {"edits": stream.position, "snapshot": to_numpy(stream.edited_layers()),
                        "speed": stream.state["history"][-1]}
         final = {}
         if stream.cfg.fluency_samples:
@@ -119,8 +115,11 @@ class Evaluator:
             self._heldout[key] = read_corpus(args.corpus, args.n_texts, offset=args.offset)
         return perplexity(self.lm, self._heldout[key], args.max_tokens)
 
-    def _suite(self, capability: dict) -> CapabilitySuite:
-        args = from_dict(CapabilityArgs, capability, where="capability.")
+    def _suite(self, capability: dict | None) -> CapabilitySuite | None:
+        """The suite `capability` selects (built once), or None when it selects none."""
+        args = from_dict(CapabilityArgs, capability or {}, where="capability.")
+        if not args.enabled:
+            return None
         key = suite_key(args)
         if key not in self._suites:
             self._suites[key] = CapabilitySuite(self.lm, args)
@@ -140,7 +139,7 @@ class Evaluator:
         config, requests = self._stream_inputs(cfg)
         scores = dict(unedited_scores(self.lm, requests, config))
         scores["perplexity"] = self._perplexity(heldout)
-        if capability and from_dict(CapabilityArgs, capability).enabled:
+        if self._suite(capability) is not None:
             scores.update(self.capability_baseline(capability))
         return scores
 
@@ -168,8 +167,7 @@ class Evaluator:
         """CounterFact metrics after `n_done` edits, retention, perplexity and (when
         `capability` selects a suite) `cap.<task>.<metric>` scores of the snapshot."""
         config, requests = self._stream_inputs(cfg)
-        suite = self._suite(capability) if capability and \
-            from_dict(CapabilityArgs, capability).enabled else None
+        suite = self._suite(capability)
         with self._weights(snapshot):
             metrics = evaluation(self.lm, requests, config, n_done,
                                  final=n_done == config.num_edits)
@@ -186,7 +184,7 @@ class Evaluator:
         and `cap.<task>.<metric>` (the suite `capability` selects; None skips) of a
         snapshot taken after `n_done` edits. `{}` is the base model (pass n_done=first_k)."""
         config, requests = self._stream_inputs(cfg)
-        suite = self._suite(capability) if capability else None
+        suite = self._suite(capability)
         metrics = {}
         with self._weights(snapshot):
             if first_k:

@@ -1,0 +1,18 @@
+"""Appending a measured result to docs/benchmarks.md: a heading, the command that produced
+it (as it was typed) with the setting it ran in, and the tables."""
+
+from __future__ import annotations
+
+import sys
+
+DOCS = "docs/benchmarks.md"
+
+
+def command_line(module: str, argv=None) -> str:
+    """`python -m <module> <args>` as this process was called (or with `argv`)."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def append_section(heading: str, command: str, setting: str, body: str) -> None:
+    with open(DOCS, "a") as f:
+        f.write(f"\n### {heading}\n\n`{command}` ({setting})\n\n{body}\n")
