@@ -17,6 +17,7 @@ decaying spectrum: no update's cost depends on its values.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -92,7 +93,7 @@ def bench_shape(name: str, d_k: int, d_v: int, batches, history, repeats: int,
             row = {"shape": name, "d_k": d_k, "d_v": d_v, "u": u, "history": applied}
             for editor_name, editor in editors.items():
                 n = repeats if editor_name == "rlsedit" else baseline_repeats
-                state = editor.state_dict()   # timed updates must not move the history
+                state = copy.deepcopy(editor.state_dict())   # timed updates must not move the history
                 row[editor_name] = timed(lambda: editor.update(0, K, V), n)
                 editor.load_state_dict(state)
             row["rls_flops"] = rls_flops(u, d_k, d_v) / row["rlsedit"]

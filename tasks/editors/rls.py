@@ -11,7 +11,7 @@ C0 = K0ᵀK0 the anchor-key covariance. Each batch is folded in by the Woodbury 
     S = I + K P Kᵀ                [u, u], Cholesky-solved
     G = P Kᵀ S⁻¹                  [d_k, u]
     W ← W + G (V − K W)
-    P ← P − G K P                 (then symmetrised)
+    P ← P − G K P = P − XᵀX,      X = L⁻¹ K P with S = L Lᵀ
 
 O(d_k² u + d_k d_v u) per batch, whatever the number of batches before.
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from tasks.editors.base import check_batch, check_finite
+
+RESYMMETRIZE_EVERY = 256   # updates between (P + Pᵀ)/2; on CPU P − XᵀX stays exactly symmetric
 
 
 @dataclass
@@ -59,35 +61,50 @@ class RLSLayerState:
         return cls(W=W, P=(P + P.T) / 2)
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values. Returns ΔW [d_k, d_v]."""
+        """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values. Returns ΔW [d_k, d_v].
+
+        With S = L Lᵀ and X = L⁻¹ K P [u, d_k], the P update is the symmetric rank-u
+        downdate P − Xᵀ X, applied in place (one pass over P, no d_k × d_k temporary).
+        Every check runs on the small factors before the state is touched, so a rejected
+        batch leaves W and P as they were."""
         check_batch(K, V, *self.W.shape)
         K = K.to(self.W)
         V = V.to(self.W)
-        KP = K @ self.P                                     # [u, d_k]
+        KP = K @ self.P                                     # [u, d_k] = (P Kᵀ)ᵀ, P symmetric
         S = KP @ K.T                                        # [u, u]
         S.diagonal().add_(1.0)
-        try:
-            chol = torch.linalg.cholesky(S)
-        except torch.linalg.LinAlgError as err:
+        chol, info = torch.linalg.cholesky_ex(S)
+        if info.item() != 0 or not torch.isfinite(chol).all():
             raise ValueError("I + K P Kᵀ is not positive definite: P has lost definiteness "
-                             "(use float64 state or a larger lam)") from err
-        gain_t = torch.cholesky_solve(KP, chol)             # Gᵀ = S⁻¹ K P, [u, d_k]
+                             "(use float64 state or a larger lam)")
+        X = torch.linalg.solve_triangular(chol, KP, upper=False)          # L⁻¹ K P
+        gain_t = torch.linalg.solve_triangular(chol.mT, X, upper=True)   # Gᵀ = S⁻¹ K P
         delta_W = gain_t.T @ (V - K @ self.W)               # [d_k, d_v]
-        P = self.P - gain_t.T @ KP
-        check_finite("updated P", P)
         check_finite("updated W", delta_W)
-        self.P = (P + P.T) / 2
-        self.W = self.W + delta_W
+        # diag(P − XᵀX) bounds every entry of the downdate (Cauchy–Schwarz): finite and
+        # positive here means the new P is finite and keeps a positive diagonal
+        new_diag = self.P.diagonal() - X.square().sum(0)
+        check_finite("updated P", new_diag)
+        if not (new_diag > 0).all():
+            raise ValueError(f"the update would leave P with {int((new_diag <= 0).sum())} "
+                             f"non-positive diagonal entries (P is ill-conditioned: use "
+                             f"float64 state or a larger lam)")
+        self.P.addmm_(X.T, X, alpha=-1.0)
+        self.W.add_(delta_W)
         self.n_updates += 1
         self.n_keys += K.shape[0]
+        if self.n_updates % RESYMMETRIZE_EVERY == 0:   # the BLAS may round Xᵀ X unevenly
+            self.P = (self.P + self.P.T) / 2
         return delta_W
 
     def state_dict(self) -> dict:
+        """The live W and P (updated in place: save or clone them before the next update)."""
         return {"W": self.W, "P": self.P, "n_updates": self.n_updates, "n_keys": self.n_keys}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "RLSLayerState":
-        return cls(W=state["W"], P=state["P"], n_updates=int(state["n_updates"]),
+        """A state of its own: W and P are copied, never shared with `state`."""
+        return cls(W=state["W"].clone(), P=state["P"].clone(), n_updates=int(state["n_updates"]),
                    n_keys=int(state["n_keys"]))
 
 
