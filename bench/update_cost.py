@@ -6,7 +6,7 @@
 For each layer shape (d_k, d_v) and batch size u, RLSEdit's update (`RLSEditor.update`:
 Woodbury gain, W and P updated) is timed after 10, 100, 1,000 and 10,000 edits, with
 MEMIT's and AlphaEdit's update on the same keys and values beside it. The state after h
-edits is reached by folding h random keys in (in batches of at most 1,000; RLS is exact,
+edits is reached by folding h random keys in (in batches of `--fold-batch`; RLS is exact,
 so the state equals the one h single-key updates give up to rounding). Timings are the
 median of `--repeats` updates, measured in this one process side by side. The FLOP/s
 column is RLSEdit's arithmetic (≈ 4·u·d_k² + 4·u·d_k·d_v) over its time, next to this
@@ -67,7 +67,8 @@ def rls_flops(u: int, d_k: int, d_v: int) -> float:
 
 
 def bench_shape(name: str, d_k: int, d_v: int, batches, history, repeats: int,
-                baseline_repeats: int, baselines: bool, seed: int = 0) -> list[dict]:
+                baseline_repeats: int, baselines: bool, fold_batch: int = 1000,
+                seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     W0 = torch.randn(d_k, d_v, generator=generator) / d_k ** 0.5
     anchors = {0: synthetic_anchor(d_k)}
@@ -83,7 +84,7 @@ def bench_shape(name: str, d_k: int, d_v: int, batches, history, repeats: int,
     rows, applied = [], 0
     for h in history:
         while applied < h:   # fold keys in until h edits are in every editor's state
-            u = min(1000, h - applied)
+            u = min(fold_batch, h - applied)
             K, V = batch(u)
             for editor in editors.values():
                 editor.update(0, K, V)
@@ -133,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline-repeats", type=int, default=3)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--fold-batch", type=int, default=1000,
+                        help="keys per update while building the history (not timed)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--append", action="store_true", help="add the tables to docs/benchmarks.md")
     opts = parser.parse_args(argv)
@@ -150,7 +153,7 @@ def main(argv=None):
     for shape in opts.shapes:
         d_k, d_v = SHAPES[shape]
         rows += bench_shape(shape, d_k, d_v, opts.batches, opts.history, opts.repeats,
-                            opts.baseline_repeats, baselines)
+                            opts.baseline_repeats, baselines, opts.fold_batch)
     flat_header = ["shape", "u", "edits (last / first)", "RLSEdit ratio"]
     if baselines:
         flat_header += ["MEMIT ratio", "AlphaEdit ratio"]

@@ -7,7 +7,8 @@
 
 Evaluates every `eval_every` edits (edits so far, at most `eval_max` of them, and the
 first `retention_fraction` of the stream), logs to MLflow with step = edits applied,
-checkpoints at each evaluation (re-running the same command resumes), and writes a JSON
+checkpoints at each evaluation and every `checkpoint_every` edits (re-running the same
+command after a crash resumes there, with the same final weights), and writes a JSON
 summary: final metrics, retention, the unedited model's scores on the same prompts,
 fluency, edits per second and the config.
 """
@@ -47,6 +48,10 @@ def run_stream(cfg: StreamConfig) -> dict:
                             "config.json")
             mlflow.log_dict({"templates": stream.state["templates"]}, "context_templates.json")
             mlflow.log_metrics({f"unedited_{k}": v for k, v in baseline.items()}, step=0)
+            mlflow.log_metric("skipped_records", len(stream.skipped), step=0)
+            if stream.skipped:
+                mlflow.log_dict({"skipped": [vars(r) for r in stream.skipped]},
+                                "skipped_records.json")
         progress = tqdm(total=cfg.num_edits, initial=stream.position, desc=f"{cfg.editor} edits",
                         unit="edit")
         while not stream.done:
@@ -56,9 +61,7 @@ def run_stream(cfg: StreamConfig) -> dict:
             if at_eval_point:
                 metrics = stream.evaluate()
                 mlflow.log_metrics(metrics, step=stream.position)
-                snapshot = cfg.out_dir / "snapshots" / f"edits-{stream.position}.safetensors"
-                snapshot.parent.mkdir(exist_ok=True)
-                save_file(stream.edited_layers(), str(snapshot))   # for pipelines.reeval
+                snapshot = stream.save_snapshot()   # for pipelines.reeval
                 mlflow.log_artifact(str(snapshot), "snapshots")
                 progress.set_postfix(eff=f"{metrics['efficacy']:.2f}",
                                      ret=f"{metrics['retention_efficacy']:.2f}")
@@ -82,7 +85,8 @@ def run_stream(cfg: StreamConfig) -> dict:
 
 CLI_FLAGS = {  # flag -> config key
     "model": "model", "editor": "editor", "data": "data", "num_edits": "num_edits",
-    "batch_size": "batch_size", "eval_every": "eval_every", "output_json": "output_json",
+    "batch_size": "batch_size", "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every", "output_json": "output_json",
     "output_dir": "output_dir", "seed": "seed", "device": "device", "offset": "offset",
 }
 

@@ -8,8 +8,15 @@ and evaluator actors load the base model once. Each cell gets an editor actor (a
 the cluster has one) that streams its edits and publishes weight snapshots; evaluators
 score the snapshots while editing goes on. MLflow: one parent run for the grid, one child
 run per cell (params, metrics at step = edits applied, snapshots, summary), the comparison
-table and plot on the parent. Re-running the same command resumes: finished cells are read
-back, half-finished ones continue from their checkpoint.
+table and plot on the parent.
+
+A crash costs at most `stream.checkpoint_every` edits. An editor actor that dies is
+restarted by Ray (`resources.editor_max_restarts`) and goes on from its checkpoint inside
+the job; an evaluator that dies is restarted and its call retried. Re-running the same
+command after the driver died resumes: finished cells are read back, half-finished ones
+continue from their checkpoint, and evaluation points whose scores were lost are scored
+from the snapshots the editor wrote before each checkpoint. The final weights equal those
+of an uninterrupted run (tests/pipelines/test_resume.py).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import workdir_path, write_atomically
 from tasks.models import resolve_spec
-from tasks.stream import StreamConfig
+from tasks.stream import StreamConfig, snapshot_path
 
 log = logging.getLogger("rlsedit.grid")
+ACTOR_RETRIES, ACTOR_RETRY_SECONDS = 30, 2.0   # calls to an editor actor Ray is restarting
 
 
 @dataclass
@@ -41,6 +49,8 @@ class ResourceArgs:
     evaluator_gpus: float = 0.25     # per evaluator, when the cluster has GPUs
     evaluators_per_model: int = 1
     anchor_shards: int = 2           # Ray tasks over the anchor corpus
+    editor_max_restarts: int = 3     # an editor actor that dies goes on from its checkpoint
+    evaluator_max_restarts: int = 3  # an evaluator that dies is restarted, its call retried
 
 
 @dataclass
@@ -122,6 +132,12 @@ def _save_json(path: Path, data) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
+def _load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(str(path)).items()}
+
+
 def _save_weights(path: Path, weights: dict) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -129,6 +145,11 @@ def _save_weights(path: Path, weights: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, str(path))
     return path
+
+
+def editor_actor_name(parent_run_id: str, cell: Cell) -> str:
+    """The Ray name of a cell's editor actor (`ray list actors`), unique per grid run."""
+    return f"editor:{parent_run_id[:12]}:{cell.name}"
 
 
 def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
@@ -203,10 +224,12 @@ def run_grid(cfg: GridConfig) -> dict:
     _save_json(state_path, state)
 
     evaluators, baselines, anchors = {}, {}, {}
-    editor_actor = ray.remote(EditorActor).options(num_cpus=res.editor_cpus,
-                                                   num_gpus=1 if use_gpu else 0)
+    editor_actor = ray.remote(EditorActor)
+    editor_options = {"num_cpus": res.editor_cpus, "num_gpus": 1 if use_gpu else 0,
+                      "max_restarts": res.editor_max_restarts}
     evaluator_actor = ray.remote(Evaluator).options(
-        num_cpus=res.evaluator_cpus, num_gpus=res.evaluator_gpus if use_gpu else 0)
+        num_cpus=res.evaluator_cpus, num_gpus=res.evaluator_gpus if use_gpu else 0,
+        max_restarts=res.evaluator_max_restarts, max_task_retries=res.evaluator_max_restarts)
     anchor_args = from_dict(AnchorArgs, cfg.stream.get("anchor", {}))
     for model in cfg.models:
         layers = _edit_layers(model, cfg.stream)
@@ -234,13 +257,57 @@ def run_grid(cfg: GridConfig) -> dict:
         run_id = logger.child(cell, settings, baselines[cell.model])
         _save_json(state_path, state)
         evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
-        actor = editor_actor.remote(cell.cfg, anchors[cell.model], baselines[cell.model])
+        actor = editor_actor.options(**editor_options,
+                                     name=editor_actor_name(logger.parent, cell)).remote(
+            cell.cfg, anchors[cell.model], baselines[cell.model])
         actors[cell.name] = actor
         generators[actor.run.remote()] = cell
         results_path = cell.dir / "evals.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         pending[cell.name] = {"run_id": run_id, "results": results, "speed": {},
-                              "outstanding": 0, "done": None, "evaluator": evaluator}
+                              "scoring": set(), "done": None, "evaluator": evaluator,
+                              "restarts": 0, "failed_calls": 0}
+
+    def score(cell: Cell, n: int, snapshot: dict, speed: dict) -> None:
+        """Hand the snapshot after `n` edits to the cell's evaluator; log its speed."""
+        p = pending[cell.name]
+        scored = p["evaluator"].evaluate.remote(cell.cfg, snapshot, n, to_dict(cfg.heldout),
+                                                to_dict(cfg.capability))
+        evals[scored] = (cell, n)
+        p["scoring"].add(n)
+        p["speed"][n] = speed = {k: v for k, v in speed.items() if k != "edits"}
+        logger.metrics(p["run_id"], speed, n)
+
+    def rescore_after_resume(cell: Cell, event: dict) -> None:
+        """Score the evaluation points a crash left unscored, from the snapshots the editor
+        wrote before each checkpoint."""
+        p = pending[cell.name]
+        for record in event["history"]:
+            n = record["edits"]
+            if str(n) in p["results"] or n in p["scoring"]:
+                continue
+            path = snapshot_path(cell.dir, n)
+            if not path.exists():
+                log.warning("%s: no snapshot after %d edits in %s; that evaluation point "
+                            "stays empty", cell.name, n, path.parent)
+                continue
+            log.info("%s: scoring the snapshot after %d edits left unscored", cell.name, n)
+            logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+            score(cell, n, _load_weights(path), record)
+
+    def call_again(cell: Cell, item, err: Exception) -> None:
+        """The cell's editor actor died or is being restarted by Ray (it reloads its
+        checkpoint): ask its stream to go on, a few times before giving up."""
+        p = pending[cell.name]
+        del generators[item]
+        p["failed_calls"] += 1
+        if p["failed_calls"] > ACTOR_RETRIES:
+            raise RuntimeError(f"the editor actor of {cell.name} is gone ({err}); re-run the "
+                               f"grid command to resume from its checkpoint") from err
+        log.warning("%s: editor actor unavailable (%s); calling it again from its checkpoint",
+                    cell.name, type(err).__name__)
+        time.sleep(ACTOR_RETRY_SECONDS)
+        generators[actors[cell.name].run.remote()] = cell
 
     def finish(cell: Cell) -> None:
         p = pending.pop(cell.name)
@@ -252,9 +319,12 @@ def run_grid(cfg: GridConfig) -> dict:
         summary["final"] = {**history[-1], **summary["final"]}
         summary["unedited"] = baselines[cell.model]
         summary["mlflow_run_id"] = p["run_id"]
+        summary["editor_restarts"] = p["restarts"]
         _save_json(cell.dir / "summary.json", summary)
         logger.metrics(p["run_id"], {k: v for k, v in summary["final"].items()
                                      if k not in history[-1]}, summary["config"]["num_edits"])
+        logger.metrics(p["run_id"], {"skipped_records": len(summary["skipped_records"]),
+                                     "editor_restarts": p["restarts"]}, 0)
         logger.client.log_dict(p["run_id"], summary, "summary.json")
         logger.client.set_terminated(p["run_id"])
         summaries[cell.name] = summary
@@ -267,36 +337,42 @@ def run_grid(cfg: GridConfig) -> dict:
             cell, n = evals.pop(item)
             p = pending[cell.name]
             p["results"][str(n)] = metrics = ray.get(item)
-            p["outstanding"] -= 1
+            p["scoring"].discard(n)
             _save_json(cell.dir / "evals.json", p["results"])
             logger.metrics(p["run_id"], metrics, n)
             log.info("%s at %d edits: efficacy %.3f, retention %.3f", cell.name, n,
                      metrics["efficacy"], metrics["retention_efficacy"])
-            if p["done"] is not None and p["outstanding"] == 0:
+            if p["done"] is not None and not p["scoring"]:
                 finish(cell)
             continue
         cell = generators[item]
         p = pending[cell.name]
-        event = ray.get(next(item))
-        if event.get("done"):
+        try:
+            event = ray.get(next(item))
+        except (ray.exceptions.RayActorError, StopIteration) as err:
+            call_again(cell, item, err)
+            continue
+        p["failed_calls"] = 0
+        if event.get("resumed"):
+            if event["restarted"]:
+                p["restarts"] += 1
+                log.warning("%s: editor actor restarted by Ray, at edit %d", cell.name,
+                            event["edits"])
+            rescore_after_resume(cell, event)
+        elif event.get("done"):
             del generators[item]
             p["done"] = event["summary"]
             path = _save_weights(cell.dir / "edited_layers.safetensors", event["edited"])
             logger.client.log_artifact(p["run_id"], str(path))
-            if p["outstanding"] == 0:
+            if not p["scoring"]:
                 finish(cell)
-            continue
-        n = event["edits"]
-        scored = p["evaluator"].evaluate.remote(cell.cfg, event["snapshot"], n,
-                                                to_dict(cfg.heldout), to_dict(cfg.capability))
-        evals[scored] = (cell, n)
-        p["outstanding"] += 1
-        speed = {k: v for k, v in event["speed"].items() if k != "edits"}
-        p["speed"][n] = speed
-        logger.metrics(p["run_id"], speed, n)
-        path = _save_weights(cell.dir / "snapshots" / f"edits-{n}.safetensors",
-                             event["snapshot"])
-        logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+        else:
+            n = event["edits"]
+            path = snapshot_path(cell.dir, n)
+            if not path.exists():   # the editor runs on a node without this file system
+                _save_weights(path, event["snapshot"])
+            logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+            score(cell, n, event["snapshot"], event["speed"])
 
     for handles in evaluators.values():
         for handle in handles:

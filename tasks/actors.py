@@ -25,10 +25,10 @@ import torch
 from tasks.anchor import AnchorStats, read_corpus
 from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
-from tasks.data import load_requests
 from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
-from tasks.stream import EditStream, StreamConfig, evaluation, stream_fluency, unedited_scores
+from tasks.stream import (EditStream, StreamConfig, evaluation, stream_fluency,
+                          stream_requests, unedited_scores)
 
 
 @dataclass
@@ -68,15 +68,32 @@ class EditorActor:
         stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
                  for l, (cov, count) in anchor.items()}
         self.stream = EditStream(config, anchor=stats, baseline=baseline)
+        # True in an actor Ray restarted after it died (max_restarts): the stream goes on
+        # from its checkpoint and the driver counts the restart
+        self.restarted = ray.is_initialized() and \
+            ray.get_runtime_context().was_current_actor_reconstructed
 
     def run(self):
-        """Yields {"edits", "snapshot", "speed"} at each evaluation point, then
-        {"done": True, "summary", "edited"} with the final edited layers."""
+        """Yields, in order:
+        - when the stream continues from a checkpoint, first {"resumed": True, "restarted",
+          "edits", "history"}: whether Ray restarted this actor, and the evaluation points
+          passed before (with their speed records), whose snapshots are on disk, so the
+          driver can score what a crash left unscored;
+        - {"edits", "snapshot", "speed"} at each evaluation point (the snapshot is also
+          written to the cell's folder before the checkpoint);
+        - {"done": True, "summary", "edited"} with the final edited layers.
+        Called again after the actor was restarted (max_restarts), it goes on from the
+        last checkpoint."""
         stream = self.stream
+        if stream.position or self.restarted:
+            yield {"resumed": True, "restarted": self.restarted, "edits": stream.position,
+                   "history": stream.state["history"]}
+            self.restarted = False
         stream.checkpoint()
         while not stream.done:
             if stream.step():
                 stream.record({})   # speed and step stats; quality metrics: the evaluator's
+                stream.save_snapshot()
                 stream.checkpoint()
                 yield {"edits": stream.position, "snapshot": to_numpy(stream.edited_layers()),
                        "speed": stream.state["history"][-1]}
@@ -102,10 +119,9 @@ class Evaluator:
 
     def _stream_inputs(self, cfg: dict):
         config = from_dict(StreamConfig, cfg)
-        key = f"{config.data}:{config.offset}:{config.num_edits}"
+        key = f"{config.data}:{config.offset}:{config.num_edits}:{config.skip_bad_records}"
         if key not in self._requests:
-            self._requests[key] = load_requests(config.data, limit=config.num_edits,
-                                                offset=config.offset)
+            self._requests[key] = stream_requests(config, self.lm.tokenizer)[0]
         return config, self._requests[key]
 
     def _perplexity(self, heldout: dict) -> float:

@@ -6,7 +6,8 @@ Two on-disk formats are read (a JSON list, or JSON lines):
 - ROME's original: `requested_rewrite` {`prompt` with "{}", `subject`, `target_new.str`,
   `target_true.str`}, `paraphrase_prompts`, `neighborhood_prompts`.
 `hub:NAME[:SPLIT]` loads a dataset from the Hugging Face hub (needs a network).
-A bad record raises `EditRecordError` naming its index and case id; nothing is dropped.
+A bad record raises `EditRecordError` naming its index and case id; nothing is dropped,
+unless the caller asks for skip mode, where each bad record is listed with its reason.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 class EditRecordError(ValueError):
@@ -44,24 +46,57 @@ class EditRequest:
         return self.prompt.index(self.subject) + len(self.subject)
 
 
-def load_requests(source: str | Path, limit: int | None = None,
-                  offset: int = 0) -> list[EditRequest]:
-    """Read edit requests `offset .. offset+limit` from a file path or `hub:NAME[:SPLIT]`."""
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out in skip mode, and why."""
+
+    index: int
+    case_id: object
+    reason: str
+
+
+def load_requests(source: str | Path, limit: int | None = None, offset: int = 0,
+                  check: Callable[[EditRequest], None] | None = None,
+                  skipped: list[SkippedRecord] | None = None) -> list[EditRequest]:
+    """Read `limit` edit requests from record `offset` on, from a file path or
+    `hub:NAME[:SPLIT]`. `check(request)` may refuse a parsed request by raising ValueError
+    (e.g. one the model's tokenizer cannot mark up).
+
+    A bad record (malformed, a repeated case_id, refused by `check`) raises
+    `EditRecordError` naming it, unless a `skipped` list is given: then it is appended
+    there and reading goes on past `offset + limit` until `limit` good requests are in."""
     records = _read_records(source)
-    end = None if limit is None else offset + limit
-    requests = [parse_record(rec, index) for index, rec in
-                enumerate(records[offset:end], start=offset)]
+    requests: list[EditRequest] = []
+    seen: dict[object, int] = {}
+    index = offset
+    while index < len(records) and (limit is None or len(requests) < limit):
+        try:
+            req = parse_record(records[index], index)
+            if req.case_id in seen:
+                raise EditRecordError(
+                    f"record {index} (case_id={req.case_id}): duplicate case_id, "
+                    f"first seen at record {seen[req.case_id]}")
+            if check is not None:
+                try:
+                    check(req)
+                except ValueError as err:
+                    raise EditRecordError(
+                        f"record {index} (case_id={req.case_id}): {err}") from None
+        except EditRecordError as err:
+            if skipped is None:
+                raise
+            case_id = records[index].get("case_id") if isinstance(records[index], dict) else None
+            skipped.append(SkippedRecord(index, case_id, str(err)))
+        else:
+            seen[req.case_id] = index
+            requests.append(req)
+        index += 1
     if limit is not None and len(requests) < limit:
+        good = "good " if skipped else ""
         raise EditRecordError(
             f"{source}: asked for {limit} records from offset {offset}, "
-            f"but it holds only {len(records)}")
-    seen: dict[object, int] = {}
-    for index, req in enumerate(requests, start=offset):
-        if req.case_id in seen:
-            raise EditRecordError(
-                f"record {index} (case_id={req.case_id}): duplicate case_id, "
-                f"first seen at record {seen[req.case_id]}")
-        seen[req.case_id] = index
+            f"but it holds only {len(requests)} {good}records from there "
+            f"({len(records)} in all)")
     return requests
 
 

@@ -8,6 +8,9 @@ edit layers' weights.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +20,36 @@ from tasks.extract.keys import block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
 from tasks.models import vocab_logits
+
+
+class PhaseClock:
+    """Wall seconds per phase of one edit step (`with clock("keys"): ...`), reported as
+    `seconds_<phase>` stats. Phases: values (target-value optimisation), keys, update
+    (the editor's update and the weights written back)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def start(self, phase: str) -> None:
+        self._started[phase] = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        elapsed = time.perf_counter() - self._started.pop(phase)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self.start(phase)
+        yield
+        self.stop(phase)
+
+    def stats(self) -> dict[str, float]:
+        return {f"seconds_{phase}": sec for phase, sec in self.seconds.items()}
+
+
+class EditBatchError(ValueError):
+    """A batch the editor refused (NaN/Inf keys or values, a lost positive definiteness)."""
 
 
 def layer_weight(lm, layer: int) -> torch.Tensor:
@@ -43,23 +76,33 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args) -> dic
     """Keys and target values, the residual spread over `layers` as MEMIT does (layer i of
     n takes 1/(n-i) of what is still missing at the last layer)."""
     device = lm.model.device
-    rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
-    rewrite, groups = rewrite.to(device), groups.to(device)
-    kl = kl_batch(lm.tokenizer, requests).to(device)
-    z, z_now = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args)
+    clock = PhaseClock()
+    with clock("values"):
+        rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
+        rewrite, groups = rewrite.to(device), groups.to(device)
+        kl = kl_batch(lm.tokenizer, requests).to(device)
+        z, z_now = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args)
     bare = prompt_batch(lm.tokenizer, requests).to(device) if len(layers) > 1 else None
     stats = {"delta_norm": float((z - z_now).norm(dim=1).mean())}
     for i, layer in enumerate(layers):
-        if i > 0:
-            z_now = block_outputs_at(lm, layers[-1], bare)
-        keys = compute_keys(lm, layer, rewrite, groups, len(requests))     # [E, d_k]
+        with clock("keys"):
+            if i > 0:
+                z_now = block_outputs_at(lm, layers[-1], bare)
+            keys = compute_keys(lm, layer, rewrite, groups, len(requests))     # [E, d_k]
+        clock.start("update")
         W = editor.weight(layer)
         residual = (z - z_now).to(W.dtype) / (len(layers) - i)              # [E, d_v]
         values = keys.to(W.dtype) @ W + residual
-        delta_W = editor.update(layer, keys, values)
+        try:
+            delta_W = editor.update(layer, keys, values)
+        except ValueError as err:
+            raise EditBatchError(f"edits with case_id {[r.case_id for r in requests]} at "
+                                 f"layer {layer}: {err}. The model's last checkpoint is "
+                                 f"untouched; the run stops here.") from err
         write_weight(lm, layer, editor.weight(layer))
         stats[f"update_norm_L{layer}"] = float(delta_W.norm())
-    return stats
+        clock.stop("update")
+    return {**stats, **clock.stats()}
 
 
 def _fine_tune_batch(lm, editor, requests, layers) -> dict[str, float]:
@@ -80,9 +123,11 @@ def _fine_tune_batch(lm, editor, requests, layers) -> dict[str, float]:
         token_nll = -logp.gather(1, labels[:, None])                         # [M, 1]
         return group_mean(token_nll, rows, len(requests)).mean()
 
-    deltas = editor.update(loss_of)
-    for layer in layers:
-        write_weight(lm, layer, editor.weight(layer))
+    clock = PhaseClock()
+    with clock("update"):   # the fine-tuning steps are the whole edit
+        deltas = editor.update(loss_of)
+        for layer in layers:
+            write_weight(lm, layer, editor.weight(layer))
     stats = {"ft_loss": editor.last_loss}
     stats.update({f"update_norm_L{layer}": float(d.norm()) for layer, d in deltas.items()})
-    return stats
+    return {**stats, **clock.stats()}

@@ -12,17 +12,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.config import to_dict
-from tasks.data import load_requests
+from tasks.data import SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
 from tasks.editors import build_editor, resolve_editor
-from tasks.extract.prompts import make_context_templates
+from tasks.extract.prompts import check_request_tokens, make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
 from tasks.metrics import aggregate, fluency, score_requests
@@ -42,7 +42,8 @@ class StreamConfig:
     num_edits: int = 100
     batch_size: int = 10            # edits per update step
     layers: list[int] | None = None  # None: the model's default edit layers
-    eval_every: int = 50            # edits between evaluations (and checkpoints)
+    eval_every: int = 50            # edits between evaluations (each also checkpoints)
+    checkpoint_every: int = 20      # edits between checkpoints: what a crash can cost at most
     eval_max: int = 200             # intermediate evaluations score at most this many edits
     retention_fraction: float = 0.1  # retention = metrics of the first 10% after all edits
     retention_edits: int | None = None  # or of exactly this many first edits
@@ -50,6 +51,7 @@ class StreamConfig:
     fluency_tokens: int = 50
     eval_batch_size: int = 32
     seed: int = 0
+    skip_bad_records: bool = False  # bad records: False stops the run, True skips and logs them
     device: str = "auto"            # auto | cpu | cuda
     output_dir: str | None = None   # checkpoint + artifacts; default runs/<run name>
     output_json: str | None = None
@@ -59,7 +61,7 @@ class StreamConfig:
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
 
     def __post_init__(self):
-        for name in ("num_edits", "batch_size", "eval_every"):
+        for name in ("num_edits", "batch_size", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.retention_fraction <= 1:
@@ -81,6 +83,11 @@ class StreamConfig:
         return Path(self.output_dir or Path("runs") / self.name).resolve()
 
 
+def snapshot_path(out_dir: Path, n: int) -> Path:
+    """A stream's snapshot of its edited layers after `n` edits (safetensors)."""
+    return Path(out_dir) / "snapshots" / f"edits-{n}.safetensors"
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +96,8 @@ def pick_device(name: str) -> str:
 
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
-                 "eval_max", "eval_batch_size", "fluency_samples", "fluency_tokens")
+                 "checkpoint_every", "eval_max", "eval_batch_size", "fluency_samples",
+                 "fluency_tokens")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -99,6 +107,19 @@ def config_digest(cfg: StreamConfig) -> str:
         keep.pop(key)
     keep["editor_args"] = resolve_editor(cfg.editor, cfg.editor_args)[2]  # registry edits count
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stream_requests(cfg: StreamConfig, tokenizer) -> tuple[list, list[SkippedRecord]]:
+    """The stream's edit requests, each checked against the model's tokenizer before any
+    edit, and (with `skip_bad_records`) the records left out. The editor and the
+    evaluators call this alike, so both see the same requests."""
+    skipped = [] if cfg.skip_bad_records else None
+    requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset,
+                             check=lambda request: check_request_tokens(tokenizer, request),
+                             skipped=skipped)
+    for record in skipped or []:
+        log.warning("skipped %s", record.reason)
+    return requests, skipped or []
 
 
 def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dict[str, float]:
@@ -122,7 +143,8 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
     per model, data slice and evaluation settings, and cached on disk."""
     key = json.dumps([cfg.model, str(Path(cfg.data).resolve()) if Path(cfg.data).exists()
                       else cfg.data, cfg.offset, cfg.num_edits, cfg.retention_k,
-                      cfg.fluency_samples, cfg.fluency_tokens])
+                      cfg.fluency_samples, cfg.fluency_tokens]
+                     + ([True] if cfg.skip_bad_records else []))   # old keys stay valid
     path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.exists():
         return json.loads(path.read_text())["scores"]
@@ -151,8 +173,8 @@ class EditStream:
         self.cfg = cfg
         self.editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # typos fail early
         self.digest = config_digest(cfg)
-        self.requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset)
         self.lm = load_model(cfg.model, device=pick_device(cfg.device))
+        self.requests, self.skipped = stream_requests(cfg, self.lm.tokenizer)
         self.layers = self.lm.check_layers(cfg.layers if cfg.layers is not None
                                            else self.lm.spec.edit_layers)
         if anchor is None:
@@ -200,7 +222,9 @@ class EditStream:
         return self.state["baseline"]
 
     def step(self) -> bool:
-        """Apply the next batch; True when the stream has reached an evaluation point."""
+        """Apply the next batch; True when the stream has reached an evaluation point (the
+        caller evaluates and checkpoints). Between evaluation points it checkpoints every
+        `checkpoint_every` edits itself."""
         start = self.position
         batch = self.requests[start:start + self.cfg.batch_size]
         tic = time.perf_counter()
@@ -208,14 +232,25 @@ class EditStream:
                                                 self.state["templates"], self.layers,
                                                 self.cfg.values)
         self.state["edit_seconds"] += time.perf_counter() - tic
+        phases = self.state.setdefault("phase_seconds", {})
+        for key, sec in self.last_step_stats.items():
+            if key.startswith("seconds_"):
+                phases[key[8:]] = phases.get(key[8:], 0.0) + sec
         self.state["position"] = n = start + len(batch)
         every = self.cfg.eval_every
-        return n // every > start // every or n == self.cfg.num_edits
+        at_eval_point = n // every > start // every or n == self.cfg.num_edits
+        due = self.cfg.checkpoint_every
+        if not at_eval_point and n // due > start // due:
+            self.checkpoint()
+        return at_eval_point
 
     def evaluate(self) -> dict[str, float]:
         """Metrics now (see `evaluation`), speed and the last step's stats."""
         n = self.position
+        tic = time.perf_counter()
         metrics = evaluation(self.lm, self.requests, self.cfg, n, final=n == self.cfg.num_edits)
+        phases = self.state.setdefault("phase_seconds", {})
+        phases["evaluate"] = phases.get("evaluate", 0.0) + time.perf_counter() - tic
         return self.record(metrics)
 
     def record(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -234,6 +269,20 @@ class EditStream:
         return {self.lm.spec.mlp_out_name(l) + ".weight":
                 self.lm.mlp_out(l).weight.detach().cpu().contiguous() for l in self.layers}
 
+    def snapshot_path(self, n: int | None = None) -> Path:
+        """Where the edited layers after `n` edits (default: now) are kept."""
+        return snapshot_path(self.cfg.out_dir, self.position if n is None else n)
+
+    def save_snapshot(self) -> Path:
+        """Write the edited layers now to `snapshot_path()` (atomically). Done at every
+        evaluation point before the checkpoint, so a checkpointed evaluation point always
+        has its snapshot on disk for whoever scores it after a crash."""
+        from safetensors.torch import save_file
+
+        path = self.snapshot_path()
+        write_atomically(path, lambda tmp: save_file(self.edited_layers(), str(tmp)))
+        return path
+
     def summary(self, final_metrics: dict[str, float]) -> dict:
         cfg = self.cfg
         return {
@@ -242,7 +291,9 @@ class EditStream:
             "retention_first_k": cfg.retention_k,
             "edits_per_second": cfg.num_edits / self.state["edit_seconds"],
             "seconds_per_edit": self.state["edit_seconds"] / cfg.num_edits,
+            "phase_seconds": self.state.get("phase_seconds", {}),  # values, keys, update, evaluate
             "edit_layers": list(self.layers),
+            "skipped_records": [asdict(record) for record in self.skipped],
             "history": self.state["history"],
             "config": to_dict(cfg),
             "editor_settings": self.editor_settings,

@@ -24,3 +24,13 @@ def tiny():
     from tasks.models import load_model
 
     return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster for the tests of one module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

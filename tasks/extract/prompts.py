@@ -64,3 +64,16 @@ def prompt_batch(tokenizer, requests: list[EditRequest]) -> TokenBatch:
     """The bare edit prompt per request (where the residual to write is measured)."""
     return build_batch(tokenizer, [req.prompt for req in requests],
                        [req.subject_end for req in requests])
+
+
+def check_request_tokens(tokenizer, request: EditRequest) -> None:
+    """Raise ValueError when `request` cannot be edited with this tokenizer: its target
+    tokenises to nothing after the prompt, or no token ends inside its subject."""
+    for name, make in (("edit prompt + target", lambda: rewrite_batch(tokenizer, [request], ["{}"])),
+                       ("bare prompt", lambda: prompt_batch(tokenizer, [request])),
+                       ("KL prompt", lambda: kl_batch(tokenizer, [request]))):
+        try:
+            make()
+        except ValueError as err:
+            raise ValueError(f"target_new {request.target_new!r} / subject {request.subject!r} "
+                             f"cannot be marked up in the {name} with this tokenizer: {err}") from None

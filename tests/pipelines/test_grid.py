@@ -27,15 +27,6 @@ def smoke_args(tmp_path, *extra):
             "--set", f"heldout.corpus={CORPUS}", "--set", f"capability.data_dir={DATA}", *extra]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_sharded_anchor_statistics_equal_the_single_process_ones(local_ray, tmp_path,
                                                                   monkeypatch):
     from tasks.anchor import AnchorArgs, anchor_stats, read_corpus

@@ -1,0 +1,124 @@
+"""End-to-end edits per second of every editor on one model, and where the time goes.
+
+    python -m bench.e2e_speed --num-edits 30 --append
+
+One process holds one `EditStream` per editor (same data, layers, batch size and
+target-value settings) and steps them round-robin, batch by batch, so every editor is
+timed under the same load (after one warm-up batch each, not counted). Per editor: edits/s over the edit steps, the seconds per edit
+in each phase (`tasks/edit_step.py`: target-value optimisation, keys, the editor's update
+with the weights written back), the evaluation at the end (CounterFact metrics of the
+edits so far and of the first 10%, as at a stream's evaluation points), and the one-off setup (model load, anchor
+statistics from the disk cache, editor state). Then a torch profile of one more RLSEdit
+batch: the operators with the most self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+
+from bench.docs import append_section, command_line
+from tasks.config import from_dict
+from tasks.editors import editor_registry
+from tasks.stream import DEFAULT_DATA, EditStream, StreamConfig
+
+PHASES = ("values", "keys", "update")
+
+
+def build_streams(opts, out_dir: str) -> tuple[dict[str, EditStream], dict[str, float]]:
+    streams, setup = {}, {}
+    for editor in opts.editors:
+        cfg = from_dict(StreamConfig, {
+            "model": opts.model, "editor": editor, "data": opts.data,
+            "num_edits": opts.num_edits + 2 * opts.batch_size,   # + warm-up and profiled batches
+            "batch_size": opts.batch_size, "eval_every": 10 ** 9, "fluency_samples": 0,
+            "checkpoint_every": 10 ** 9, "output_dir": f"{out_dir}/{editor}",
+            **({"layers": [int(x) for x in opts.layers.split(",")]} if opts.layers else {})})
+        tic = time.perf_counter()
+        streams[editor] = EditStream(cfg)
+        setup[editor] = time.perf_counter() - tic
+    return streams, setup
+
+
+def profile_batch(stream: EditStream, rows: int) -> list[str]:
+    """Markdown rows: the operators with the most self CPU time in one edit step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        stream.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| operator | self CPU ms | share | calls |", "|---|---|---|---|"]
+    lines += [f"| `{e.key}` | {e.self_cpu_time_total / 1e3:.0f} | "
+              f"{e.self_cpu_time_total / total:.1%} | {e.count} |" for e in events[:rows]]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--editors", nargs="+", default=list(editor_registry()))
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--num-edits", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--layers", help="comma-separated edit layers (default: the model's)")
+    parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--append", action="store_true", help="add the tables to docs/benchmarks.md")
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        streams, setup = build_streams(opts, out_dir)
+        for stream in streams.values():   # a warm-up batch each, not counted
+            stream.step()
+            stream.state["edit_seconds"], stream.state["phase_seconds"] = 0.0, {}
+        for _ in range(0, opts.num_edits, opts.batch_size):   # round-robin, batch by batch
+            for editor, stream in streams.items():
+                stream.step()
+                print(f"{editor}: {stream.position} edits", flush=True)
+        evaluate = {}
+        for editor, stream in streams.items():
+            tic = time.perf_counter()
+            stream.evaluate()
+            evaluate[editor] = time.perf_counter() - tic
+        profile = profile_batch(streams["rlsedit"], opts.profile_rows) \
+            if "rlsedit" in streams else []
+        layers = list(next(iter(streams.values())).layers)
+
+    header = ["editor", "edits/s", "s/edit", *(f"{p} s/edit" for p in PHASES),
+              "update share", f"evaluation of {opts.num_edits + opts.batch_size} edits, s",
+              "setup s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for editor, stream in streams.items():
+        n = opts.num_edits
+        per_edit = stream.state["edit_seconds"] / n
+        phases = stream.state["phase_seconds"]
+        cells = [editor, f"{n / stream.state['edit_seconds']:.3f}", f"{per_edit:.2f}",
+                 *(f"{phases.get(p, 0.0) / n:.3f}" for p in PHASES),
+                 f"{phases.get('update', 0.0) / stream.state['edit_seconds']:.1%}",
+                 f"{evaluate[editor]:.1f}", f"{setup[editor]:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if profile:
+        print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n" + "\n".join(profile))
+    if opts.append:
+        body = "\n".join(lines)
+        if profile:
+            body += (f"\n\nOne more RLSEdit batch of {opts.batch_size} edits under the torch "
+                     f"profiler, operators by self CPU time:\n\n" + "\n".join(profile))
+        append_section(
+            f"End-to-end speed per editor, {opts.model}, {opts.num_edits} edits "
+            f"(batch {opts.batch_size}, layers {layers})",
+            command_line("bench.e2e_speed", argv),
+            f"{platform.machine()} CPU, {torch.get_num_threads()} threads, editors stepped "
+            f"round-robin in one process", body)
+
+
+if __name__ == "__main__":
+    main()
