@@ -9,7 +9,8 @@ in each phase (`tasks/edit_step.py`: target-value optimisation, keys, the editor
 with the weights written back), the evaluation at the end (CounterFact metrics of the
 edits so far and of the first 10%, as at a stream's evaluation points), and the one-off setup (model load, anchor
 statistics from the disk cache, editor state). Then a torch profile of one more RLSEdit
-batch: the operators with the most self CPU time.
+batch: the operators with the most self CPU time, with the FLOP/s of those torch counts
+(matmuls), to set against the machine's matmul rate (`bench.update_cost` prints it).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ def profile_batch(stream: EditStream, rows: int) -> list[str]:
     """Markdown rows: the operators with the most self CPU time in one edit step."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         stream.step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    lines = ["| operator | self CPU ms | share | calls |", "|---|---|---|---|"]
+    lines = ["| operator | self CPU ms | share | calls | GFLOP/s |", "|---|---|---|---|---|"]
     lines += [f"| `{e.key}` | {e.self_cpu_time_total / 1e3:.0f} | "
-              f"{e.self_cpu_time_total / total:.1%} | {e.count} |" for e in events[:rows]]
+              f"{e.self_cpu_time_total / total:.1%} | {e.count} | "
+              f"{e.flops / e.self_cpu_time_total / 1e3 if e.flops else 0:.1f} |"
+              for e in events[:rows]]
     return lines
 
 

@@ -57,8 +57,11 @@ class RLSLayerState:
             raise ValueError(
                 f"λI + μ·anchor_cov is not positive definite (lam={lam}, mu={mu}); "
                 f"use lam > 0 or more anchor samples") from err
+        del precision               # at most two d_k × d_k matrices alive from here on
         P = torch.cholesky_inverse(chol)
-        return cls(W=W, P=(P + P.T) / 2)
+        del chol
+        P = P + P.T
+        return cls(W=W, P=P.mul_(0.5))
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values. Returns ΔW [d_k, d_v].
