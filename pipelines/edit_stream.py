@@ -7,8 +7,9 @@
 
 Evaluates every `eval_every` edits (edits so far, at most `eval_max` of them, and the
 first `retention_fraction` of the stream), logs to MLflow with step = edits applied,
-checkpoints at each evaluation and every `checkpoint_every` edits (re-running the same
-command after a crash resumes there, with the same final weights), and writes a JSON
+checkpoints at each evaluation and every `checkpoint_minutes` (or `checkpoint_every`
+edits; re-running the same command after a crash resumes there, with the same final
+weights), and writes a JSON
 summary: final metrics, retention, the unedited model's scores on the same prompts,
 fluency, edits per second and the config.
 """

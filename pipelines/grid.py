@@ -10,7 +10,7 @@ score the snapshots while editing goes on. MLflow: one parent run for the grid, 
 run per cell (params, metrics at step = edits applied, snapshots, summary), the comparison
 table and plot on the parent.
 
-A crash costs at most `stream.checkpoint_every` edits. An editor actor that dies is
+A crash costs at most `stream.checkpoint_minutes` of editing. An editor actor that dies is
 restarted by Ray (`resources.editor_max_restarts`) and goes on from its checkpoint inside
 the job; an evaluator that dies is restarted and its call retried. Re-running the same
 command after the driver died resumes: finished cells are read back, half-finished ones

@@ -43,7 +43,8 @@ class StreamConfig:
     batch_size: int = 10            # edits per update step
     layers: list[int] | None = None  # None: the model's default edit layers
     eval_every: int = 50            # edits between evaluations (each also checkpoints)
-    checkpoint_every: int = 20      # edits between checkpoints: what a crash can cost at most
+    checkpoint_every: int | None = None  # checkpoint every this many edits, and/or
+    checkpoint_minutes: float = 5.0      # every this many minutes: what a crash may cost
     eval_max: int = 200             # intermediate evaluations score at most this many edits
     retention_fraction: float = 0.1  # retention = metrics of the first 10% after all edits
     retention_edits: int | None = None  # or of exactly this many first edits
@@ -62,8 +63,10 @@ class StreamConfig:
 
     def __post_init__(self):
         for name in ("num_edits", "batch_size", "eval_every", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be positive, got {self.checkpoint_minutes}")
         if not 0 < self.retention_fraction <= 1:
             raise ValueError(f"retention_fraction must be in (0, 1], got {self.retention_fraction}")
 
@@ -96,8 +99,8 @@ def pick_device(name: str) -> str:
 
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
-                 "checkpoint_every", "eval_max", "eval_batch_size", "fluency_samples",
-                 "fluency_tokens")
+                 "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
+                 "fluency_samples", "fluency_tokens")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -193,6 +196,7 @@ class EditStream:
             self.state["templates"] = make_context_templates(
                 self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed)
         self.last_step_stats: dict[str, float] = {}
+        self._last_checkpoint = time.monotonic()
 
     def _restore(self) -> None:
         saved = torch.load(self.ckpt_path, weights_only=False)
@@ -223,8 +227,8 @@ class EditStream:
 
     def step(self) -> bool:
         """Apply the next batch; True when the stream has reached an evaluation point (the
-        caller evaluates and checkpoints). Between evaluation points it checkpoints every
-        `checkpoint_every` edits itself."""
+        caller evaluates and checkpoints). Between evaluation points it checkpoints itself
+        every `checkpoint_every` edits (when set) and every `checkpoint_minutes`."""
         start = self.position
         batch = self.requests[start:start + self.cfg.batch_size]
         tic = time.perf_counter()
@@ -239,10 +243,15 @@ class EditStream:
         self.state["position"] = n = start + len(batch)
         every = self.cfg.eval_every
         at_eval_point = n // every > start // every or n == self.cfg.num_edits
-        due = self.cfg.checkpoint_every
-        if not at_eval_point and n // due > start // due:
+        if not at_eval_point and self._checkpoint_due(start, n):
             self.checkpoint()
         return at_eval_point
+
+    def _checkpoint_due(self, start: int, n: int) -> bool:
+        edits = self.cfg.checkpoint_every
+        if edits and n // edits > start // edits:
+            return True
+        return time.monotonic() - self._last_checkpoint >= 60 * self.cfg.checkpoint_minutes
 
     def evaluate(self) -> dict[str, float]:
         """Metrics now (see `evaluation`), speed and the last step's stats."""
@@ -263,6 +272,7 @@ class EditStream:
     def checkpoint(self) -> None:
         write_atomically(self.ckpt_path, lambda tmp: torch.save(
             {**self.state, "editor": self.editor.state_dict()}, tmp))
+        self._last_checkpoint = time.monotonic()
 
     def edited_layers(self) -> dict[str, torch.Tensor]:
         """The edited projections' weights by parameter name (CPU, contiguous)."""

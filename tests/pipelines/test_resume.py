@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from pipelines.edit_stream import parse_args as stream_config, run_stream
 from pipelines.grid import editor_actor_name, grid_cells, parse_args as grid_config, run_grid
+from tasks.stream import EditStream
 from tests.conftest import CORPUS, EDIT_DATA, ROOT
 from tests.pipelines.test_grid import smoke_args
 
@@ -80,6 +81,17 @@ def test_killed_stream_resumes_to_the_uninterrupted_weights(tmp_path):
     client = mlflow.MlflowClient()
     steps = sorted(m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "efficacy"))
     assert steps == [5, 10, 12], "one MLflow run goes on across the crash"
+
+
+def test_between_evaluation_points_checkpoints_follow_the_clock(tmp_path):
+    args = stream_args(tmp_path / "run")
+    at = args.index("--checkpoint-every")
+    args[at:at + 2] = ["--set", "checkpoint_minutes=1e-9"]    # due at every step
+    stream = EditStream(stream_config(args))
+    stream.step()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["position"] == 1
+    with pytest.raises(ValueError, match="checkpoint_minutes must be positive"):
+        stream_config(stream_args(tmp_path / "x") + ["--set", "checkpoint_minutes=0"])
 
 
 def grid_args(out):
