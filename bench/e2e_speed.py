@@ -71,7 +71,8 @@ def main(argv=None):
     parser.add_argument("--layers", help="comma-separated edit layers (default: the model's)")
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--append", action="store_true", help="add the tables to docs/benchmarks.md")
+    parser.add_argument("--append", action="store_true",
+                        help="add the tables to docs/benchmarks.md")
     opts = parser.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -109,7 +110,8 @@ def main(argv=None):
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if profile:
-        print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n" + "\n".join(profile))
+        print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n"
+              + "\n".join(profile))
     if opts.append:
         body = "\n".join(lines)
         if profile:

@@ -66,8 +66,8 @@ def measure_editor(editor: str, shape: str, updates: int, batch: int) -> dict:
     d_k, d_v = SHAPES[shape]
     W0 = torch.randn(d_k, d_v) / d_k ** 0.5
     anchors = {0: synthetic_anchor(d_k)}
-    keys = [(torch.randn(batch, d_k, dtype=torch.float64), torch.randn(batch, d_v, dtype=torch.float64))
-            for _ in range(updates)]
+    keys = [(torch.randn(batch, d_k, dtype=torch.float64),
+             torch.randn(batch, d_v, dtype=torch.float64)) for _ in range(updates)]
     before, _ = rss()
     reset_peak()
     if editor.startswith("rlsedit"):
@@ -137,9 +137,10 @@ def main(argv=None):
     parser.add_argument("--stream-model", default="smollm2-135m")
     parser.add_argument("--stream-editor", default="rlsedit")
     parser.add_argument("--stream-edits", type=int, default=10000)
-    parser.add_argument("--stream-run", type=int, default=100)
+    parser.add_argument("--stream-run", type=int, default=100, help="0: no stream")
     parser.add_argument("--stream-eval-every", type=int, default=50)
-    parser.add_argument("--append", action="store_true", help="add the tables to docs/benchmarks.md")
+    parser.add_argument("--append", action="store_true",
+                        help="add the tables to docs/benchmarks.md")
     opts = parser.parse_args(argv)
 
     rows = ["| shape | editor | d_k × d_k terms + W | state (RSS) | peak while building | "
@@ -155,6 +156,13 @@ def main(argv=None):
                         f"{r['update_peak'] / GIB:.3f} GiB |")
             print(rows[-1], flush=True)
 
+    if not opts.stream_run:   # editor state only
+        if opts.append:
+            append_section("Peak memory of the editor state per layer",
+                           command_line("bench.memory", argv),
+                           f"{platform.machine()} CPU; resident set sizes from /proc/self/status",
+                           f"{opts.updates} updates of {opts.batch} keys:\n\n" + "\n".join(rows))
+        return
     s = in_child("measure_stream", opts.stream_model, opts.stream_editor, opts.stream_edits,
                  opts.stream_run, opts.stream_eval_every)
     stream_rows = ["| after | resident memory |", "|---|---|",

@@ -70,8 +70,9 @@ class EditorActor:
         self.stream = EditStream(config, anchor=stats, baseline=baseline)
         # True in an actor Ray restarted after it died (max_restarts): the stream goes on
         # from its checkpoint and the driver counts the restart
-        self.restarted = ray.is_initialized() and \
-            ray.get_runtime_context().was_current_actor_reconstructed
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.restarted = bool(context and context.get_actor_id()
+                              and context.was_current_actor_reconstructed)
 
     def run(self):
         """Yields, in order:

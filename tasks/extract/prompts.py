@@ -69,11 +69,13 @@ def prompt_batch(tokenizer, requests: list[EditRequest]) -> TokenBatch:
 def check_request_tokens(tokenizer, request: EditRequest) -> None:
     """Raise ValueError when `request` cannot be edited with this tokenizer: its target
     tokenises to nothing after the prompt, or no token ends inside its subject."""
-    for name, make in (("edit prompt + target", lambda: rewrite_batch(tokenizer, [request], ["{}"])),
-                       ("bare prompt", lambda: prompt_batch(tokenizer, [request])),
-                       ("KL prompt", lambda: kl_batch(tokenizer, [request]))):
+    texts = (("edit prompt + target", lambda: rewrite_batch(tokenizer, [request], ["{}"])),
+             ("bare prompt", lambda: prompt_batch(tokenizer, [request])),
+             ("KL prompt", lambda: kl_batch(tokenizer, [request])))
+    for name, make in texts:
         try:
             make()
         except ValueError as err:
             raise ValueError(f"target_new {request.target_new!r} / subject {request.subject!r} "
-                             f"cannot be marked up in the {name} with this tokenizer: {err}") from None
+                             f"cannot be marked up in the {name} with this tokenizer: "
+                             f"{err}") from None

@@ -109,3 +109,13 @@ def test_state_dict_round_trip():
     copy = RLSLayerState.from_state_dict(state.state_dict())
     assert copy.n_updates == 1 and copy.n_keys == 3
     assert torch.equal(copy.W, state.W) and torch.equal(copy.P, state.P)
+
+
+def test_finiteness_check_catches_inf_of_both_signs_and_passes_overflowing_sums():
+    from tasks.editors.base import check_finite
+
+    values = torch.zeros(3, 4, dtype=torch.float64)
+    values[0, 1], values[2, 3] = float("inf"), float("-inf")   # their sum is NaN
+    with pytest.raises(ValueError, match="x holds 2 NaN/Inf values"):
+        check_finite("x", values)
+    check_finite("y", torch.full((4,), 1e308, dtype=torch.float64))   # finite, sum overflows
