@@ -10,7 +10,8 @@ with the weights written back), the evaluation at the end (CounterFact metrics o
 edits so far and of the first 10%, as at a stream's evaluation points), and the one-off setup (model load, anchor
 statistics from the disk cache, editor state). Then a torch profile of one more RLSEdit
 batch: the operators with the most self CPU time, with the FLOP/s of those torch counts
-(matmuls), to set against the machine's matmul rate (`bench.update_cost` prints it).
+(matmuls), to set against this machine's float32 matmul rate at the same thread count,
+measured at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import torch
 
 from bench.docs import append_section, command_line
+from bench.update_cost import matmul_flops
 from tasks.config import from_dict
 from tasks.editors import editor_registry
 from tasks.stream import DEFAULT_DATA, EditStream, StreamConfig
@@ -84,31 +86,35 @@ def main(argv=None):
             stream.state["edit_seconds"], stream.state["phase_seconds"] = 0.0, {}
         for _ in range(0, opts.num_edits, opts.batch_size):   # round-robin, batch by batch
             for editor, stream in streams.items():
+                tic = time.perf_counter()
                 stream.step()
-                print(f"{editor}: {stream.position} edits", flush=True)
+                print(f"{editor}: {stream.position} edits, this batch "
+                      f"{time.perf_counter() - tic:.1f} s", flush=True)
+        # what the timed batches cost, read before the profiled batch adds to it
+        timed = {editor: (stream.state["edit_seconds"], dict(stream.state["phase_seconds"]))
+                 for editor, stream in streams.items()}
         evaluate = {}
         for editor, stream in streams.items():
             tic = time.perf_counter()
             stream.evaluate()
             evaluate[editor] = time.perf_counter() - tic
         profile = profile_batch(streams["rlsedit"], opts.profile_rows) \
-            if "rlsedit" in streams else []
+            if "rlsedit" in streams and opts.profile_rows else []
         layers = list(next(iter(streams.values())).layers)
 
     header = ["editor", "edits/s", "s/edit", *(f"{p} s/edit" for p in PHASES),
               "update share", f"evaluation of {opts.num_edits + opts.batch_size} edits, s",
               "setup s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for editor, stream in streams.items():
+    for editor, (seconds, phases) in timed.items():
         n = opts.num_edits
-        per_edit = stream.state["edit_seconds"] / n
-        phases = stream.state["phase_seconds"]
-        cells = [editor, f"{n / stream.state['edit_seconds']:.3f}", f"{per_edit:.2f}",
+        cells = [editor, f"{n / seconds:.3f}", f"{seconds / n:.2f}",
                  *(f"{phases.get(p, 0.0) / n:.3f}" for p in PHASES),
-                 f"{phases.get('update', 0.0) / stream.state['edit_seconds']:.1%}",
+                 f"{phases.get('update', 0.0) / seconds:.1%}",
                  f"{evaluate[editor]:.1f}", f"{setup[editor]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    limit = matmul_flops(torch.float32) / 1e9
     if profile:
         print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n"
               + "\n".join(profile))
@@ -122,7 +128,8 @@ def main(argv=None):
             f"(batch {opts.batch_size}, layers {layers})",
             command_line("bench.e2e_speed", argv),
             f"{platform.machine()} CPU, {torch.get_num_threads()} threads, editors stepped "
-            f"round-robin in one process", body)
+            f"round-robin in one process; float32 matmul limit at these threads "
+            f"{limit:.0f} GFLOP/s", body)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,11 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="K holds 1 NaN/Inf"):
         state.update(bad, torch.zeros(1, 16))
     assert torch.equal(state.W, W_before), "a rejected update must leave the state untouched"
+    inf_values = torch.zeros(1, 16)
+    inf_values[0, 7] = float("-inf")
+    with pytest.raises(ValueError, match="V holds 1 NaN/Inf"):
+        state.update(torch.ones(1, 24), inf_values)
+    assert torch.equal(state.W, W_before) and state.n_updates == 0
     with pytest.raises(ValueError, match="anchor_cov must be"):
         RLSLayerState.init(W0, anchor_cov[:3, :3], 1.0, 0.01)
     with pytest.raises(ValueError, match="not positive definite"):
