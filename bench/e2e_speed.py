@@ -115,6 +115,7 @@ def main(argv=None):
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     limit = matmul_flops(torch.float32) / 1e9
+    print(f"float32 matmul limit at {torch.get_num_threads()} threads: {limit:.0f} GFLOP/s")
     if profile:
         print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n"
               + "\n".join(profile))
