@@ -279,17 +279,13 @@ class EditStream:
         return {self.lm.spec.mlp_out_name(l) + ".weight":
                 self.lm.mlp_out(l).weight.detach().cpu().contiguous() for l in self.layers}
 
-    def snapshot_path(self, n: int | None = None) -> Path:
-        """Where the edited layers after `n` edits (default: now) are kept."""
-        return snapshot_path(self.cfg.out_dir, self.position if n is None else n)
-
     def save_snapshot(self) -> Path:
-        """Write the edited layers now to `snapshot_path()` (atomically). Done at every
+        """Write the edited layers now to `snapshot_path` (atomically). Done at every
         evaluation point before the checkpoint, so a checkpointed evaluation point always
         has its snapshot on disk for whoever scores it after a crash."""
         from safetensors.torch import save_file
 
-        path = self.snapshot_path()
+        path = snapshot_path(self.cfg.out_dir, self.position)
         write_atomically(path, lambda tmp: save_file(self.edited_layers(), str(tmp)))
         return path
 
