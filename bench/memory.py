@@ -76,7 +76,7 @@ def measure_editor(editor: str, shape: str, updates: int, batch: int) -> dict:
     elif editor == "memit":
         built = MEMITEditor({0: W0}, anchors, MEMITArgs(15000, 14336))
     else:
-        built = AlphaEditEditor({0: W0}, anchors, AlphaEditArgs(2e-2, 10.0))
+        built = AlphaEditEditor({0: W0}, anchors, AlphaEditArgs(l2=10.0, nullspace_threshold=2e-2))
     state, build_peak = rss()
     reset_peak()
     for K, V in keys:

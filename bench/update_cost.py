@@ -80,7 +80,7 @@ def bench_shape(name: str, d_k: int, d_v: int, batches, history, repeats: int,
     editors = {"rlsedit": RLSEditor({0: W0}, anchors, RLSArgs(lam=1.0, mu=1e-3))}
     if baselines:
         editors["memit"] = MEMITEditor({0: W0}, anchors, MEMITArgs(15000, 14336))
-        editors["alphaedit"] = AlphaEditEditor({0: W0}, anchors, AlphaEditArgs(2e-2, 10.0))
+        editors["alphaedit"] = AlphaEditEditor({0: W0}, anchors, AlphaEditArgs(l2=10.0, nullspace_threshold=2e-2))
     rows, applied = [], 0
     for h in history:
         while applied < h:   # fold keys in until h edits are in every editor's state

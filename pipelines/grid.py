@@ -61,6 +61,9 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     stream: dict = field(default_factory=dict)       # StreamConfig keys shared by all cells
     editor_args: dict = field(default_factory=dict)  # {editor name: settings overrides}
+    variants: dict = field(default_factory=dict)     # {name: {editor, editor_args, stream}}:
+    # a named setting of an editor for sweeps, listed in `editors` like an editor; its
+    # `stream` keys (e.g. layers, values.lr, keys.mode) override the grid's `stream`
     heldout: HeldoutArgs = field(default_factory=HeldoutArgs)
     capability: CapabilityArgs = field(default_factory=CapabilityArgs)  # lm-eval suite per snapshot
     resources: ResourceArgs = field(default_factory=ResourceArgs)
@@ -99,33 +102,58 @@ def resolve_paths(cfg: GridConfig) -> GridConfig:
     return cfg
 
 
+def merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s keys, sections (dicts) merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def cell_setting(cfg: GridConfig, label: str) -> dict:
+    """The stream keys of `label` in `editors`: a registry editor, or a variant of one."""
+    variant = dict(cfg.variants.get(label, {"editor": label}))
+    unknown = sorted(set(variant) - {"editor", "editor_args", "stream"})
+    if unknown or "editor" not in variant:
+        raise ValueError(f"variant {label!r} needs `editor` and may set `editor_args` and "
+                         f"`stream`, got {sorted(variant)}")
+    editor = variant["editor"]
+    editor_args = {**cfg.editor_args.get(editor, {}), **variant.get("editor_args", {})}
+    resolve_editor(editor, editor_args)
+    return merge({**cfg.stream, "editor": editor, "editor_args": editor_args},
+                 variant.get("stream", {}))
+
+
 def grid_cells(cfg: GridConfig) -> list[Cell]:
-    """Every model × editor × seed, each with its validated stream config."""
+    """Every model × editor (or variant) × seed, each with its validated stream config."""
     for editor in cfg.editor_args:   # a typo here would silently drop the settings
         resolve_editor(editor, cfg.editor_args[editor])
     resolve_suite(cfg.capability)    # an unknown profile or local task fails here
     cells = []
     for model in cfg.models:
         resolve_spec(model)
-        for editor in cfg.editors:
-            resolve_editor(editor, cfg.editor_args.get(editor))
+        for label in cfg.editors:
+            setting = cell_setting(cfg, label)
             for seed in cfg.seeds:
-                name = f"{model.replace('/', '_')}-{editor}-s{seed}"
+                name = f"{model.replace('/', '_')}-{label}-s{seed}"
                 cell_dir = cfg.out_dir / "cells" / name
-                stream = {**cfg.stream, "model": model, "editor": editor, "seed": seed,
-                          "editor_args": cfg.editor_args.get(editor, {}),
+                stream = {**setting, "model": model, "seed": seed,
                           "output_dir": str(cell_dir), "run_name": name,
                           "experiment": cfg.experiment}
                 stream = to_dict(from_dict(StreamConfig, stream, where="stream."))
-                cells.append(Cell(name, model, editor, stream, cell_dir))
+                cells.append(Cell(name, model, label, stream, cell_dir))
     return cells
 
 
-def _edit_layers(model: str, stream: dict) -> list[int]:
-    layers = stream.get("layers") or list(resolve_spec(model).edit_layers)
+def _edit_layers(model: str, cells: list[Cell]) -> list[int]:
+    """Every layer some cell of `model` edits (the anchor statistics cover them all)."""
+    layers = set()
+    for cell in cells:
+        if cell.model == model:
+            layers.update(cell.cfg.get("layers") or resolve_spec(model).edit_layers)
     if not layers:
         raise ValueError(f"model {model!r} has no default edit layers: set stream.layers")
-    return layers
+    return sorted(layers)
 
 
 def _save_json(path: Path, data) -> None:
@@ -232,7 +260,7 @@ def run_grid(cfg: GridConfig) -> dict:
         max_restarts=res.evaluator_max_restarts, max_task_retries=res.evaluator_max_restarts)
     anchor_args = from_dict(AnchorArgs, cfg.stream.get("anchor", {}))
     for model in cfg.models:
-        layers = _edit_layers(model, cfg.stream)
+        layers = _edit_layers(model, cells)
         tic = time.perf_counter()
         stats = ray_anchor_stats(model, layers, anchor_args, res.anchor_shards, use_gpu)
         anchors[model] = ray.put({l: (s.cov.numpy(), s.count) for l, s in stats.items()})
@@ -253,7 +281,7 @@ def run_grid(cfg: GridConfig) -> dict:
         if summary_path.exists():
             summaries[cell.name] = json.loads(summary_path.read_text())
             continue
-        settings = resolve_editor(cell.editor, cell.cfg["editor_args"])[2]
+        settings = resolve_editor(cell.cfg["editor"], cell.cfg["editor_args"])[2]
         run_id = logger.child(cell, settings, baselines[cell.model])
         _save_json(state_path, state)
         evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]

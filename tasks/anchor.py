@@ -38,6 +38,14 @@ class AnchorStats:
     cov: torch.Tensor   # [d_k, d_k] float64: Σ k kᵀ over all corpus tokens
     count: int          # number of tokens summed
 
+    @property
+    def mean_cov(self) -> torch.Tensor:
+        """E[k kᵀ] = K0ᵀK0 / n0 [d_k, d_k]: the same whatever the corpus size, so a weight
+        on it means the same in a 2,000-text and a 20,000-text anchor corpus."""
+        if self.count < 1:
+            raise ValueError("anchor statistics over zero tokens: check the anchor corpus")
+        return self.cov / self.count
+
     def __add__(self, other: "AnchorStats") -> "AnchorStats":
         return AnchorStats(self.cov + other.cov, self.count + other.count)
 

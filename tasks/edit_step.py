@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from tasks.data import EditRequest
 from tasks.extract.hooks import replace_linear_weights
-from tasks.extract.keys import block_outputs_at, compute_keys, group_mean
+from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
-from tasks.extract.values import ValueArgs, compute_target_values
+from tasks.extract.values import TargetValues, ValueArgs, compute_target_values
+from tasks.extract.write_space import projection_change, projection_outputs_at
 from tasks.models import vocab_logits
 
 
@@ -64,15 +65,37 @@ def write_weight(lm, layer: int, W: torch.Tensor) -> None:
 
 
 def apply_edit_batch(lm, editor, requests: list[EditRequest], templates: list[str],
-                     layers: tuple[int, ...], value_args: ValueArgs) -> dict[str, float]:
+                     layers: tuple[int, ...], value_args: ValueArgs,
+                     key_args: KeyArgs | None = None) -> dict:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:
-    `update_norm_L{l}` = ||ΔW||_F per layer, and the size of the requested change."""
+    `update_norm_L{l}` = ||ΔW||_F per layer, the size of the requested change, phase
+    timings, and under "edits" one record per edit of how its target value converged."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
-    return _key_value_batch(lm, editor, requests, templates, layers, value_args)
+    return _key_value_batch(lm, editor, requests, templates, layers, value_args,
+                            key_args or KeyArgs())
 
 
-def _key_value_batch(lm, editor, requests, templates, layers, value_args) -> dict[str, float]:
+def layer_change(lm, layer: int, bare, wanted: torch.Tensor) -> torch.Tensor:
+    """The change [E, d] at `layer`'s projection output that moves the residual stream by
+    `wanted` [E, d] at the bare prompts' subject tokens (through a post-MLP norm if any)."""
+    norm = lm.mlp_post_norm(layer)
+    if norm is None:
+        return wanted
+    return projection_change(norm, projection_outputs_at(lm, layer, bare), wanted)
+
+
+def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
+    """How far each edit's target value went and whether it converged."""
+    nll, ratio = target.nll.float(), target.delta_ratio.float()
+    return {"delta_norm": float(target.delta.norm(dim=1).mean()),
+            "value_nll_mean": float(nll.mean()), "value_nll_max": float(nll.max()),
+            "delta_ratio_mean": float(ratio.mean()), "delta_ratio_max": float(ratio.max()),
+            "edits": [{"case_id": r.case_id, "value_nll": float(n), "delta_ratio": float(q)}
+                      for r, n, q in zip(requests, nll, ratio)]}
+
+
+def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args) -> dict:
     """Keys and target values, the residual spread over `layers` as MEMIT does (layer i of
     n takes 1/(n-i) of what is still missing at the last layer)."""
     device = lm.model.device
@@ -81,18 +104,21 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args) -> dic
         rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
         rewrite, groups = rewrite.to(device), groups.to(device)
         kl = kl_batch(lm.tokenizer, requests).to(device)
-        z, z_now = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args)
-    bare = prompt_batch(lm.tokenizer, requests).to(device) if len(layers) > 1 else None
-    stats = {"delta_norm": float((z - z_now).norm(dim=1).mean())}
+        target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args)
+    bare = prompt_batch(lm.tokenizer, requests).to(device)
+    stats = value_stats(requests, target)
+    z_now = target.stream_init
     for i, layer in enumerate(layers):
         with clock("keys"):
             if i > 0:
                 z_now = block_outputs_at(lm, layers[-1], bare)
-            keys = compute_keys(lm, layer, rewrite, groups, len(requests))     # [E, d_k]
+            keys, key_edits = compute_keys(lm, layer, rewrite, groups, len(requests),
+                                           key_args.mode)                # [R, d_k], [R]
+            change = layer_change(lm, layer, bare,
+                                  (target.stream_target - z_now) / (len(layers) - i))
         clock.start("update")
         W = editor.weight(layer)
-        residual = (z - z_now).to(W.dtype) / (len(layers) - i)              # [E, d_v]
-        values = keys.to(W.dtype) @ W + residual
+        values = keys.to(W.dtype) @ W + change.to(W.dtype)[key_edits]       # [R, d_v]
         try:
             delta_W = editor.update(layer, keys, values)
         except ValueError as err:

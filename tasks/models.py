@@ -47,6 +47,7 @@ class ModelSpec:
     gguf_file: str | None = None
     gguf_assemble: bool = False
     tiny: bool = False
+    tiny_arch: str = "llama"   # llama | gemma3: which tiny random model a `tiny` entry builds
 
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.mlp_out}"
@@ -71,6 +72,11 @@ class LoadedModel:
 
     def block(self, layer: int) -> torch.nn.Module:
         return self.model.get_submodule(self.spec.block_name(layer))
+
+    def mlp_post_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm between the MLP output and the residual stream (Gemma-2/3's
+        `post_feedforward_layernorm`), or None where the MLP output is added as it is."""
+        return getattr(self.block(layer), "post_feedforward_layernorm", None)
 
     def check_layers(self, layers) -> tuple[int, ...]:
         layers = tuple(int(x) for x in layers)
@@ -111,7 +117,7 @@ def load_model(name: str, device: str | torch.device = "cpu",
     """Load `name` in eval mode with gradients off on every parameter."""
     spec = resolve_spec(name)
     if spec.tiny:
-        model, tok = build_tiny_llama()
+        model, tok = TINY_BUILDERS[spec.tiny_arch]()
     elif spec.gguf_package:
         model, tok = _load_gguf_cached(spec)
     else:
@@ -195,6 +201,16 @@ def build_tiny_tokenizer():
     return tok
 
 
+def _seeded(build, seed: int):
+    """`build()` under torch seed `seed`, leaving the caller's random state as it was."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def build_tiny_llama(seed: int = 0):
     """A 4-layer random Llama (hidden 64, MLP 128) and the byte tokenizer, same every call."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -206,13 +222,35 @@ def build_tiny_llama(seed: int = 0):
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
         initializer_range=0.2,  # large enough that a residual delta can move the logits
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model, tok
+    return _seeded(lambda: LlamaForCausalLM(config), seed), tok
+
+
+def build_tiny_gemma3(seed: int = 0):
+    """A 4-layer random Gemma-3 (hidden 64, MLP 128; post-MLP norm, sliding and full
+    attention, soft-capped logits) and the byte tokenizer, same every call."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = build_tiny_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=2048, final_logit_softcapping=30.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=True, initializer_range=0.2)
+
+    def build():
+        model = Gemma3ForCausalLM(config)
+        with torch.no_grad():   # random, not zero, norm gains: the post-MLP norm must matter
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(-0.5, 0.5)
+        return model
+
+    return _seeded(build, seed), tok
+
+
+TINY_BUILDERS = {"llama": build_tiny_llama, "gemma3": build_tiny_gemma3}
 
 
 def vocab_logits(model, hidden: torch.Tensor) -> torch.Tensor:

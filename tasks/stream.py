@@ -22,6 +22,7 @@ from tasks.config import to_dict
 from tasks.data import SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
 from tasks.editors import build_editor, resolve_editor
+from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import check_request_tokens, make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
@@ -59,6 +60,7 @@ class StreamConfig:
     experiment: str = "rlsedit-stream"
     run_name: str | None = None
     values: ValueArgs = field(default_factory=ValueArgs)
+    keys: KeyArgs = field(default_factory=KeyArgs)
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
 
     def __post_init__(self):
@@ -89,6 +91,22 @@ class StreamConfig:
 def snapshot_path(out_dir: Path, n: int) -> Path:
     """A stream's snapshot of its edited layers after `n` edits (safetensors)."""
     return Path(out_dir) / "snapshots" / f"edits-{n}.safetensors"
+
+
+UNCONVERGED_NLL = 0.5   # a target value whose NLL stays above this did not write its edit
+
+
+def convergence(records: list[dict]) -> dict[str, float]:
+    """Over every edit so far: the target values' final NLL and ‖δ‖/‖z‖ (mean, max) and the
+    share of edits whose value optimisation ended above UNCONVERGED_NLL."""
+    if not records:
+        return {}
+    nll = torch.tensor([r["value_nll"] for r in records])
+    ratio = torch.tensor([r["delta_ratio"] for r in records])
+    return {"all_value_nll_mean": float(nll.mean()), "all_value_nll_max": float(nll.max()),
+            "all_delta_ratio_mean": float(ratio.mean()),
+            "all_delta_ratio_max": float(ratio.max()),
+            "unconverged_fraction": float((nll > UNCONVERGED_NLL).float().mean())}
 
 
 def pick_device(name: str) -> str:
@@ -234,8 +252,9 @@ class EditStream:
         tic = time.perf_counter()
         self.last_step_stats = apply_edit_batch(self.lm, self.editor, batch,
                                                 self.state["templates"], self.layers,
-                                                self.cfg.values)
+                                                self.cfg.values, self.cfg.keys)
         self.state["edit_seconds"] += time.perf_counter() - tic
+        self.state.setdefault("edit_records", []).extend(self.last_step_stats.pop("edits", []))
         phases = self.state.setdefault("phase_seconds", {})
         for key, sec in self.last_step_stats.items():
             if key.startswith("seconds_"):
@@ -265,7 +284,7 @@ class EditStream:
     def record(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add speed and the last step's stats to `metrics` and keep them in the history."""
         metrics = {**metrics, "edits_per_second": self.position / self.state["edit_seconds"],
-                   **self.last_step_stats}
+                   **self.last_step_stats, **convergence(self.state.get("edit_records", []))}
         self.state["history"].append({"edits": self.position, **metrics})
         return metrics
 
@@ -300,6 +319,7 @@ class EditStream:
             "phase_seconds": self.state.get("phase_seconds", {}),  # values, keys, update, evaluate
             "edit_layers": list(self.layers),
             "skipped_records": [asdict(record) for record in self.skipped],
+            "edit_records": self.state.get("edit_records", []),  # per edit: value NLL, ‖δ‖/‖z‖
             "history": self.state["history"],
             "config": to_dict(cfg),
             "editor_settings": self.editor_settings,

@@ -45,3 +45,22 @@ def test_cache_is_reused_and_keyed_on_sample_count(tiny, isolated_stores):
     more = cached_anchor_stats(tiny, [1], AnchorArgs(corpus=str(CORPUS), n_texts=8,
                                                      max_tokens=16), progress=False)[1]
     assert more.count > first.count
+
+
+def test_anchor_weight_is_independent_of_the_corpus_size(tiny):
+    """μ weighs the mean covariance: doubling the corpus leaves P0 = (λI + μC̄0)⁻¹ nearly
+    as it was, where a weight on the raw K0ᵀK0 would double the anchor."""
+    from tasks.editors.rls import RLSLayerState
+
+    texts = read_corpus(CORPUS, 400)
+    half = anchor_stats(tiny, [1], texts[:200], max_tokens=48)[1]
+    whole = anchor_stats(tiny, [1], texts, max_tokens=48)[1]
+    assert whole.count > 1.8 * half.count
+    W0 = tiny.mlp_out(1).weight.detach().T
+    P_half = RLSLayerState.init(W0, half.mean_cov, 1.0, 10.0).P
+    P_whole = RLSLayerState.init(W0, whole.mean_cov, 1.0, 10.0).P
+    P_raw = RLSLayerState.init(W0, whole.cov * (10.0 / half.count), 1.0, 1.0).P
+    change = float((P_whole - P_half).norm() / P_half.norm())
+    raw_change = float((P_raw - P_half).norm() / P_half.norm())
+    assert change < 0.1, change      # what is left is the sampling noise of C̄0
+    assert raw_change > 3 * change, (change, raw_change)

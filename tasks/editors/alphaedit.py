@@ -2,7 +2,9 @@
 
 Convention K W ≈ V, W [d_k, d_v]. With C = K0ᵀK0 / n0 the mean anchor covariance, the
 projector P̂ = U₀U₀ᵀ [d_k, d_k] spans the eigenvectors of C whose eigenvalues are below
-`nullspace_threshold`. For a batch K [u, d_k], residuals R = V − K W [u, d_v] and the keys
+a threshold: `nullspace_rel` × C's largest eigenvalue (relative to the spectrum, so it
+means the same on any model), or an absolute `nullspace_threshold` as AlphaEdit publishes
+it (2e-2 for Llama3-8B, which on smollm2 puts 1,088 of 1,536 directions in the null space). For a batch K [u, d_k], residuals R = V − K W [u, d_v] and the keys
 of all past edits accumulated as C_past = Σ K_iᵀK_i, the update is
 
     (P̂ (KᵀK + C_past) + l2·I) ΔW = P̂ Kᵀ R
@@ -21,16 +23,28 @@ from tasks.editors.base import KeyValueEditor
 
 @dataclass
 class AlphaEditArgs:
-    nullspace_threshold: float   # eigenvalues of the mean anchor covariance below this span P̂
     l2: float                    # weight of ||ΔW||² (AlphaEdit: L2)
+    nullspace_rel: float | None = None        # P̂: eigenvalues < this × the largest, unless
+    nullspace_threshold: float | None = None  # an absolute cut is given (it takes precedence)
     dtype: str = "float64"
 
+    def __post_init__(self):
+        if self.nullspace_rel is None and self.nullspace_threshold is None:
+            raise ValueError("AlphaEdit needs editor_args.nullspace_rel (relative to the "
+                             "largest anchor eigenvalue) or editor_args.nullspace_threshold")
 
-def null_space_projector(mean_cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P̂ [d_k, d_k]: projector onto the eigenvectors of `mean_cov` [d_k, d_k] with
-    eigenvalue < `threshold` (the near-null space of the anchor keys)."""
+    def threshold(self, eigenvalues: torch.Tensor) -> float:
+        """The absolute cut on the eigenvalues [d_k] of the mean anchor covariance."""
+        if self.nullspace_threshold is not None:
+            return self.nullspace_threshold
+        return self.nullspace_rel * float(eigenvalues.max())
+
+
+def null_space_projector(mean_cov: torch.Tensor, args: AlphaEditArgs) -> torch.Tensor:
+    """P̂ [d_k, d_k]: projector onto the eigenvectors of `mean_cov` [d_k, d_k] whose
+    eigenvalue is under `args.threshold` (the near-null space of the anchor keys)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(mean_cov)
-    basis = eigenvectors[:, eigenvalues < threshold]        # [d_k, r]
+    basis = eigenvectors[:, eigenvalues < args.threshold(eigenvalues)]   # [d_k, r]
     return basis @ basis.T
 
 
@@ -50,17 +64,17 @@ class AlphaEditEditor(KeyValueEditor):
         if args.l2 <= 0:
             raise ValueError(f"l2 must be positive (the solve needs it), got {args.l2}")
         self.args = args
-        self.projector = {layer: null_space_projector(
-            (anchors[layer].cov / anchors[layer].count).to(self.dtype), args.nullspace_threshold)
-            for layer in weights}
+        self.projector = {layer: null_space_projector(anchors[layer].mean_cov.to(self.dtype), args)
+                          for layer in weights}
         self.past_cov = {layer: torch.zeros_like(self.projector[layer]) for layer in weights}
         for layer in weights:
             if self.null_space_dim(layer) == 0:
-                smallest = torch.linalg.eigvalsh(anchors[layer].cov / anchors[layer].count)[0]
+                eigenvalues = torch.linalg.eigvalsh(anchors[layer].mean_cov)
                 raise ValueError(
                     f"layer {layer}: no eigenvalue of the mean anchor covariance is below "
-                    f"nullspace_threshold={args.nullspace_threshold} (the smallest is "
-                    f"{float(smallest):.3g}), so AlphaEdit could write nothing; raise the threshold")
+                    f"{args.threshold(eigenvalues):.3g} (the smallest is "
+                    f"{float(eigenvalues[0]):.3g}), so AlphaEdit could write nothing; raise "
+                    f"editor_args.nullspace_rel or nullspace_threshold")
 
     def null_space_dim(self, layer: int) -> int:
         return int(round(float(self.projector[layer].trace())))

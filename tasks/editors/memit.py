@@ -47,8 +47,8 @@ class MEMITEditor(KeyValueEditor):
         if args.cov_weight < 0:
             raise ValueError(f"cov_weight must be non-negative, got {args.cov_weight}")
         self.args = args
-        self.cov_term = {layer: (self.cov_weight(W0.shape[0]) * anchors[layer].cov
-                                 / anchors[layer].count).to(self.dtype)
+        self.cov_term = {layer: (self.cov_weight(W0.shape[0]) * anchors[layer].mean_cov
+                                 ).to(self.dtype)
                          for layer, W0 in weights.items()}
 
     def cov_weight(self, d_k: int) -> float:

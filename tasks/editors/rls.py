@@ -3,10 +3,11 @@
 Math convention K W ≈ V, with W = linear.weight.T of shape [d_k, d_v]. After batches
 (K_1, V_1) .. (K_n, V_n), W is the minimiser of
 
-    Σ_i ||K_i W − V_i||² + λ ||W − W0||²_F + μ ||K0 W − K0 W0||²_F,
+    Σ_i ||K_i W − V_i||² + λ ||W − W0||²_F + μ ||K0 W − K0 W0||²_F / n0,
 
-i.e. W = P (λ W0 + μ C0 W0 + Σ K_iᵀ V_i) with P = (λ I + μ C0 + Σ K_iᵀ K_i)⁻¹ and
-C0 = K0ᵀK0 the anchor-key covariance. Each batch is folded in by the Woodbury identity:
+i.e. W = P (λ W0 + μ C̄0 W0 + Σ K_iᵀ V_i) with P = (λ I + μ C̄0 + Σ K_iᵀ K_i)⁻¹ and
+C̄0 = K0ᵀK0 / n0 the *mean* anchor-key covariance (n0 anchor tokens): μ weighs the anchor
+as MEMIT's mom2_update_weight and the paper's w do, independent of the corpus size. Each batch is folded in by the Woodbury identity:
 
     S = I + K P Kᵀ                [u, u], Cholesky-solved
     G = P Kᵀ S⁻¹                  [d_k, u]
@@ -39,7 +40,8 @@ class RLSLayerState:
     @classmethod
     def init(cls, W0: torch.Tensor, anchor_cov: torch.Tensor, lam: float, mu: float,
              dtype: torch.dtype = torch.float64) -> "RLSLayerState":
-        """Start from W0 [d_k, d_v] with P = (λI + μ anchor_cov)⁻¹, anchor_cov [d_k, d_k]."""
+        """Start from W0 [d_k, d_v] with P = (λI + μ anchor_cov)⁻¹, anchor_cov [d_k, d_k]
+        (the editor passes the mean anchor covariance C̄0)."""
         d_k = W0.shape[0]
         if anchor_cov.shape != (d_k, d_k):
             raise ValueError(f"anchor_cov must be [{d_k}, {d_k}] for W0 {tuple(W0.shape)}, "
@@ -113,7 +115,8 @@ class RLSLayerState:
 
 @dataclass
 class RLSArgs:
-    """RLSEdit's regularisers. lam: pull towards W0; mu: weight of the raw anchor K0ᵀK0."""
+    """RLSEdit's regularisers. lam: pull towards W0; mu: weight of the mean anchor
+    covariance C̄0 = K0ᵀK0 / n0 (the paper's w, MEMIT's mom2_update_weight)."""
 
     lam: float
     mu: float
@@ -126,10 +129,10 @@ class RLSEditor:
     needs = "keys_values"
 
     def __init__(self, weights: dict[int, torch.Tensor], anchors: dict, args: RLSArgs):
-        """`weights[l]` is W0 [d_k, d_v] of layer l, `anchors[l].cov` its raw K0ᵀK0 [d_k, d_k]."""
+        """`weights[l]` is W0 [d_k, d_v] of layer l, `anchors[l]` its AnchorStats."""
         dtype = getattr(torch, args.dtype)
         self.args = args
-        self.states = {layer: RLSLayerState.init(W0, anchors[layer].cov, args.lam, args.mu, dtype)
+        self.states = {layer: RLSLayerState.init(W0, anchors[layer].mean_cov, args.lam, args.mu, dtype)
                        for layer, W0 in weights.items()}
 
     def weight(self, layer: int) -> torch.Tensor:

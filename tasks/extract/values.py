@@ -1,10 +1,12 @@
 """Target values: the residual-stream vector z that makes the model say `target_new`.
 
-As in MEMIT's `compute_z`: one delta per edit is added to the residual stream after block
-`z_layer` at the subject's last token of every prefixed prompt, and optimised with Adam so
-that the prompts continue with `target_new`, with a KL term that keeps the distribution
-after "{subject} is a", a weight decay on the delta and a norm clamp; an edit stops once
-its target NLL is small.
+As in MEMIT's `compute_z`: one delta per edit acts at block `z_layer` at the subject's
+last token of every prefixed prompt, and is optimised with Adam so that the prompts
+continue with `target_new`, with a KL term that keeps the distribution after
+"{subject} is a", a weight decay on the delta and a norm clamp; an edit stops once its loss
+is small. The delta lives at the output of the block's edited projection, the space the
+editor writes (`write_space.py`): on Llama-style blocks that is the residual stream itself,
+on Gemma-2/3 it passes through the post-MLP norm before it reaches the stream.
 
 Hot path (docs/benchmarks.md measures each step):
 - each row is cut at its subject's last token; the prefix before it cannot see the delta,
@@ -27,22 +29,63 @@ import torch.nn.functional as F
 from tasks.extract.hooks import StopForward, first_tensor
 from tasks.extract.keys import group_mean
 from tasks.extract.tokens import TokenBatch
+from tasks.extract.write_space import stream_change
 from tasks.models import vocab_logits
 
 
 @dataclass
 class ValueArgs:
-    """Hyper-parameters of the target-value optimisation (MEMIT/EasyEdit Llama defaults)."""
+    """Hyper-parameters of the target-value optimisation (published values noted)."""
 
-    steps: int = 20               # MEMIT: 20-25 Adam steps
-    lr: float = 0.5               # MEMIT/EasyEdit Llama: v_lr 5e-1
+    steps: int = 25               # MEMIT/AlphaEdit: 20-25 Adam steps
+    lr: float = 0.5               # AlphaEdit Llama3-8B: v_lr 0.1; EasyEdit Llama: 0.5
     kl_factor: float = 0.0625     # MEMIT
-    weight_decay: float = 1e-3    # EasyEdit Llama: v_weight_decay 1e-3
-    clamp_norm_factor: float = 4.0  # EasyEdit Llama: clamp_norm_factor 4
-    early_stop_nll: float = 5e-2  # an edit stops once its target NLL is under this (MEMIT:
-                                  # total loss < 5e-2; the KL and decay terms kept ours above)
+    weight_decay: float = 0.5     # MEMIT/AlphaEdit Llama3-8B: v_weight_decay 0.5
+    decay_form: str = "memit"     # memit: wd·‖δ‖/‖z‖² (MEMIT's compute_z); squared: wd·‖δ‖²/‖z‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖z‖; AlphaEdit Llama3: 0.75, EasyEdit Llama: 4
+    early_stop: float = 5e-2      # an edit stops once its loss is under this (MEMIT: 5e-2)
+    stop_on: str = "total"        # total: NLL + KL + decay (MEMIT); nll: the target NLL alone
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+
+    def __post_init__(self):
+        if self.decay_form not in ("memit", "squared"):
+            raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
+        if self.stop_on not in ("total", "nll"):
+            raise ValueError(f"values.stop_on must be total or nll, got {self.stop_on!r}")
+
+    def decay(self, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Weight decay [E] of deltas [E, d] against the reference vectors ref [E, d]."""
+        ref_sq = ref.pow(2).sum(1)
+        if self.decay_form == "memit":
+            return self.weight_decay * delta.norm(dim=1) / ref_sq
+        return self.weight_decay * delta.pow(2).sum(1) / ref_sq
+
+
+@dataclass
+class TargetValues:
+    """What the value optimisation asks of each edit E, at the bare prompt's subject token.
+
+    `delta` [E, d] is the change at the edited projection's output; `stream_target` [E, d]
+    the residual stream after block z_layer it makes (z, MEMIT's target); `stream_init`
+    [E, d] that stream before the edit; `nll` [E] the final target NLL (mean over prompts)
+    and `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used."""
+
+    delta: torch.Tensor
+    stream_target: torch.Tensor
+    stream_init: torch.Tensor
+    nll: torch.Tensor
+    delta_ratio: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_edits: int, width: int, like: torch.Tensor) -> "TargetValues":
+        new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
+        return cls(new(n_edits, width), new(n_edits, width), new(n_edits, width),
+                   new(n_edits), new(n_edits))
+
+    def put(self, edits: torch.Tensor, part: "TargetValues") -> None:
+        for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio"):
+            getattr(self, name)[edits] = getattr(part, name)
 
 
 def _select_rows(value, rows: torch.Tensor, batch_size: int):
@@ -105,10 +148,14 @@ class LayerReplay:
         self.later = list(range(layer + 1, lm.num_layers))
         prefix_ids, prefix_mask, prefix_pos, self.suffix, suffix_pos = split_at_lookup(batch)
         self.block_kwargs: list[dict] = []
+        self.post_norm = lm.mlp_post_norm(layer)
         store: dict = {}
 
         def keep_stream(_m, _inputs, output):
             store["stream"] = first_tensor(output).detach()
+
+        def keep_projection(_m, _inputs, output):
+            store["projection"] = output[:, 0].detach()   # the lookup: suffix position 0
 
         def keep_kwargs(_m, args, kwargs):
             assert len(args) <= 1, "decoder blocks are expected to take hidden states first"
@@ -126,7 +173,8 @@ class LayerReplay:
             self.prefix_kv = {i: tuple(torch.nan_to_num(t) for t in
                                        (cache.layers[i].keys, cache.layers[i].values))
                               for i in self.later if prefix_ids.shape[1] > 0}
-            handles = [lm.block(layer).register_forward_hook(keep_stream)]
+            handles = [lm.block(layer).register_forward_hook(keep_stream),
+                       lm.mlp_out(layer).register_forward_hook(keep_projection)]
             handles += [lm.block(i).register_forward_pre_hook(keep_kwargs, with_kwargs=True)
                         for i in self.later]
             try:
@@ -140,6 +188,7 @@ class LayerReplay:
                 for h in handles:
                     h.remove()
         self.stream = store["stream"]  # [B, S, d]: residual after block `layer`, suffix only
+        self.projection = store["projection"]  # [B, d]: the edited projection's output at lookup
         base = lm.model.base_model
         self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
 
@@ -166,15 +215,21 @@ class LayerReplay:
             hidden = first_tensor(self.lm.block(i)(hidden, **kwargs))
         return vocab_logits(self.lm.model, self.norm(hidden[rows, positions]))
 
+    def shifted_stream(self, delta_rows: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+        """The stream [b, S, d] of rows `keep_rows` with the projection's output at each
+        row's lookup (suffix position 0) moved by `delta_rows` [b, d]."""
+        change = stream_change(self.post_norm, self.projection[keep_rows], delta_rows)
+        stream = self.stream[keep_rows]
+        return torch.cat([stream[:, :1] + change[:, None].to(stream.dtype), stream[:, 1:]], 1)
+
 
 def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
-                          kl: TokenBatch, args: ValueArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise one delta per edit at block `z_layer`.
+                          kl: TokenBatch, args: ValueArgs) -> TargetValues:
+    """Optimise one delta per edit at block `z_layer`'s edited projection.
 
     `rewrite` rows are prefixed prompts + target (edit of row b: `rewrite_groups[b]`, rows of
     one edit contiguous, the first row of each edit the bare prompt); `kl` has one
-    "{subject} is a" row per edit. Returns (z [E, d], z_init [E, d]): the target residual
-    stream and the unedited one at the bare prompt's subject token.
+    "{subject} is a" row per edit. Returns `TargetValues` over the E edits.
 
     Edits do not interact (own delta, own loss, element-wise Adam), so they are optimised
     in buckets of similar suffix length: a batch is only as wide as its longest suffix.
@@ -182,16 +237,15 @@ def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups:
     n_edits = kl.input_ids.shape[0]
     suffix_len = torch.zeros(n_edits, dtype=torch.long, device=rewrite_groups.device)
     suffix_len.scatter_reduce_(0, rewrite_groups, rewrite.last - rewrite.lookup + 1, "amax")
-    z = torch.empty(n_edits, lm.model.config.hidden_size, device=kl.input_ids.device,
-                    dtype=lm.model.dtype)
-    z_init = torch.empty_like(z)
+    like = torch.empty(0, device=kl.input_ids.device, dtype=lm.model.dtype)
+    result = TargetValues.empty(n_edits, lm.model.config.hidden_size, like)
     for bucket in length_buckets(suffix_len.tolist(), rows_per_edit=len(rewrite_groups) // n_edits):
         edits = torch.tensor(bucket, device=rewrite_groups.device)
         rows = torch.nonzero(torch.isin(rewrite_groups, edits)).squeeze(1)
         local = torch.searchsorted(edits, rewrite_groups[rows])   # edit ids -> 0..len(bucket)-1
-        z[edits], z_init[edits] = _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
-                                                   kl.select(edits), args)
-    return z, z_init
+        result.put(edits, _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
+                                           kl.select(edits), args))
+    return result
 
 
 def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8) -> list[list[int]]:
@@ -214,74 +268,91 @@ def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8
     return buckets[::-1]
 
 
+class _DeltaLoss:
+    """The per-edit loss of a bucket's deltas: target NLL over an edit's prompts, KL at its
+    "{subject} is a" row, weight decay. Rows of the replay: rewrite rows then KL rows."""
+
+    def __init__(self, replay: LayerReplay, groups: torch.Tensor, is_kl: torch.Tensor,
+                 n_edits: int, ref: torch.Tensor, args: ValueArgs):
+        self.replay, self.groups, self.is_kl, self.n_edits = replay, groups, is_kl, n_edits
+        self.ref, self.args = ref, args
+        self.rows = torch.arange(len(groups), device=groups.device)
+        suffix = replay.suffix
+        with torch.no_grad():
+            kl_rows = self.rows[is_kl]
+            self.kl_init = F.log_softmax(
+                replay.logits(replay.stream, kl_rows, suffix.last[kl_rows]), -1)
+
+    def __call__(self, delta: torch.Tensor, active: torch.Tensor):
+        """(loss [E], target NLL [E]) for deltas [E, d], computed on active edits' rows."""
+        suffix, groups = self.replay.suffix, self.groups
+        keep_rows = self.rows[active[groups]]
+        sub_groups, sub_kl = groups[keep_rows], self.is_kl[keep_rows]
+        stream = self.replay.shifted_stream(delta[sub_groups], keep_rows)
+        labels = suffix.labels[keep_rows]
+        t_rows, t_pos = torch.nonzero(labels != -100, as_tuple=True)
+        k_rows = torch.nonzero(sub_kl).squeeze(1)
+        logits = self.replay.logits(stream, torch.cat([t_rows, k_rows]),
+                                    torch.cat([t_pos, suffix.last[keep_rows][k_rows]]),
+                                    keep_rows=keep_rows)
+        target_logp = F.log_softmax(logits[: len(t_rows)], -1)
+        token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None])       # [M, 1]
+        row_nll = group_mean(token_nll, t_rows, len(keep_rows)).squeeze(1)       # [b]
+        nll = group_mean(row_nll[:, None], sub_groups, self.n_edits).squeeze(1)  # [E]
+        kl_logp = F.log_softmax(logits[len(t_rows):], -1)
+        kl_edits = sub_groups[k_rows]
+        kl_div = torch.zeros(self.n_edits, device=groups.device, dtype=kl_logp.dtype).index_add(
+            0, kl_edits, (kl_logp.exp() * (kl_logp - self.kl_init[kl_edits])).sum(-1))
+        loss = nll + self.args.kl_factor * kl_div + self.args.decay(delta, self.ref)
+        return loss, nll
+
+
 def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
-                     kl: TokenBatch, args: ValueArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """compute_target_values on one bucket (same arguments and results)."""
+                     kl: TokenBatch, args: ValueArgs) -> TargetValues:
+    """compute_target_values on one bucket (same arguments and result).
+
+    The clamp and the decay measure δ against the space it lives in: the residual stream
+    (MEMIT's ‖z‖) where the projection adds to it directly, the projection's own output
+    behind a post-MLP norm (whose scale the stream never sees)."""
     n_edits = kl.input_ids.shape[0]
-    n_rw = rewrite.input_ids.shape[0]
     # One replay over rewrite rows and KL rows together: pad both to one width.
-    width = max(rewrite.input_ids.shape[1], kl.input_ids.shape[1])
-    joint = _concat(rewrite, kl, width)
+    joint = _concat(rewrite, kl, max(rewrite.input_ids.shape[1], kl.input_ids.shape[1]))
     replay = LayerReplay(lm, z_layer, joint)
     device = joint.input_ids.device
     groups = torch.cat([rewrite_groups.to(device), torch.arange(n_edits, device=device)])
-    is_kl = torch.arange(joint.input_ids.shape[0], device=groups.device) >= n_rw
-
-    rows_all = torch.arange(joint.input_ids.shape[0], device=groups.device)
+    is_kl = torch.arange(len(groups), device=device) >= rewrite.input_ids.shape[0]
     first_row = torch.searchsorted(rewrite_groups.to(device).contiguous(),
-                                   torch.arange(n_edits, device=groups.device))
-    joint = replay.suffix  # positions from here on are in the suffix frame (lookup = 0)
-    z_init = replay.stream[first_row, joint.lookup[first_row]]  # [E, d]
-    max_norm = args.clamp_norm_factor * z_init.norm(dim=1)      # [E]
+                                   torch.arange(n_edits, device=device))
+    stream_init = replay.stream[first_row, 0]                               # [E, d]
+    ref = stream_init if replay.post_norm is None else replay.projection[first_row]
+    max_norm = args.clamp_norm_factor * ref.norm(dim=1)                     # [E]
+    loss_of = _DeltaLoss(replay, groups, is_kl, n_edits, ref, args)
 
-    with torch.no_grad():
-        kl_rows = rows_all[is_kl]
-        kl_init = F.log_softmax(replay.logits(replay.stream, kl_rows, joint.last[kl_rows]), -1)
-
-    delta = torch.zeros_like(z_init, requires_grad=True)
+    delta = torch.zeros_like(ref, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=args.lr)
-    active = torch.ones(n_edits, dtype=torch.bool, device=groups.device)
-    for _ in range(args.steps):
-        keep = active[groups]                       # rows of edits still optimising
-        keep_rows = rows_all[keep]
-        sub_groups, sub_kl = groups[keep], is_kl[keep]
-        sub_lookup = joint.lookup[keep_rows]
-        b = len(keep_rows)
-        shift = torch.zeros_like(replay.stream[keep_rows]).index_put(
-            (torch.arange(b, device=groups.device), sub_lookup), delta[sub_groups])
-        stream = replay.stream[keep_rows] + shift
-
-        labels = joint.labels[keep_rows]
-        t_rows, t_pos = torch.nonzero(labels != -100, as_tuple=True)
-        k_rows = torch.nonzero(sub_kl).squeeze(1)
-        logits = replay.logits(stream, torch.cat([t_rows, k_rows]),
-                               torch.cat([t_pos, joint.last[keep_rows][k_rows]]),
-                               keep_rows=keep_rows)
-        target_logp = F.log_softmax(logits[: len(t_rows)], -1)
-        token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None]).squeeze(1)
-        row_nll = group_mean(token_nll[:, None], t_rows, b).squeeze(1)  # [b]
-        nll = group_mean(row_nll[:, None], sub_groups, n_edits).squeeze(1)  # mean over prompts
-
-        kl_logp = F.log_softmax(logits[len(t_rows):], -1)
-        kl_edits = sub_groups[k_rows]
-        kl_div = torch.zeros(n_edits, device=groups.device, dtype=kl_logp.dtype)
-        kl_div = kl_div.index_add(0, kl_edits, (kl_logp.exp() * (kl_logp - kl_init[kl_edits])).sum(-1))
-        decay = delta.pow(2).sum(1) / z_init.pow(2).sum(1)
-        loss_per_edit = nll + args.kl_factor * kl_div + args.weight_decay * decay
-
-        done = (nll.detach() < args.early_stop_nll) & active
-        active = active & ~done
-        if not active.any():
+    active = torch.ones(n_edits, dtype=torch.bool, device=device)
+    final_nll = torch.zeros(n_edits, device=device)
+    for step in range(args.steps + 1):     # the last pass only scores the last step
+        loss, nll = loss_of(delta, active)
+        final_nll[active] = nll.detach()[active].to(final_nll.dtype)
+        stop_value = loss if args.stop_on == "total" else nll
+        active = active & ~(stop_value.detach() < args.early_stop)
+        if not active.any() or step == args.steps:
             break
         frozen = delta.detach().clone()
         opt.zero_grad()
-        loss_per_edit[active].sum().backward()
+        loss[active].sum().backward()
         opt.step()
         with torch.no_grad():
             delta[~active] = frozen[~active]
             scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
             delta.mul_(scale[:, None])
-    return (z_init + delta).detach(), z_init
+    delta = delta.detach()
+    with torch.no_grad():
+        change = stream_change(replay.post_norm, replay.projection[first_row], delta)
+    return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
+                        stream_init=stream_init, nll=final_nll,
+                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1))
 
 
 def _concat(a: TokenBatch, b: TokenBatch, width: int) -> TokenBatch:

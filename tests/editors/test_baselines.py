@@ -68,7 +68,7 @@ def test_alphaedit_leaves_anchor_outputs_unchanged():
 
 def test_alphaedit_update_solves_its_projected_system_with_past_keys():
     W0, _, anchor, gen = problem(anchor_rank=12)
-    editor = AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(1e-6, l2=2.0))
+    editor = AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(nullspace_threshold=1e-6, l2=2.0))
     P = editor.projector[0]
     torch.testing.assert_close(P @ P, P, rtol=1e-9, atol=1e-9)  # a projector
     K1, V1 = batch(gen)
@@ -90,7 +90,7 @@ def test_alphaedit_keeps_past_edits_better_than_without_their_keys():
     batches = [batch(gen, u=2) for _ in range(4)]
     drift = {}
     for keep_past in (True, False):
-        editor = AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(1e-6, l2=0.1))
+        editor = AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(nullspace_threshold=1e-6, l2=0.1))
         editor.update(0, *batches[0])
         first_out = batches[0][0] @ editor.weight(0)
         for K, V in batches[1:]:
@@ -155,8 +155,8 @@ def test_rls_lam0_ablation_is_least_squares_held_only_by_the_anchors():
     batches = [batch(gen) for _ in range(3)]
     for K, V in batches:
         editor.update(0, K, V)
-    lhs = mu * anchor.cov + sum(K.T @ K for K, _ in batches)
-    rhs = mu * anchor.cov @ W0 + sum(K.T @ V for K, V in batches)
+    lhs = mu * anchor.mean_cov + sum(K.T @ K for K, _ in batches)
+    rhs = mu * anchor.mean_cov @ W0 + sum(K.T @ V for K, V in batches)
     torch.testing.assert_close(editor.weight(0), torch.linalg.solve(lhs, rhs), rtol=1e-5, atol=1e-5)
 
 
@@ -203,5 +203,18 @@ def test_a_rejected_batch_leaves_a_baseline_untouched():
 def test_alphaedit_refuses_an_empty_null_space():
     W0, _, anchor, _ = problem()  # full-rank anchors, eigenvalues far above 1e-9
     with pytest.raises(ValueError, match="no eigenvalue of the mean anchor covariance is below "
-                                         "nullspace_threshold=1e-09"):
-        AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(1e-9, l2=1.0))
+                                         "1e-09"):
+        AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(nullspace_threshold=1e-9, l2=1.0))
+
+
+def test_alphaedit_relative_threshold_cuts_the_spectrum_at_a_share_of_its_top():
+    W0, _, anchor, _ = problem(anchor_rank=12)
+    eigenvalues = torch.linalg.eigvalsh(anchor.mean_cov)
+    rel = 1e-6
+    editor = AlphaEditEditor({0: W0}, {0: anchor}, AlphaEditArgs(l2=1.0, nullspace_rel=rel))
+    assert editor.null_space_dim(0) == int((eigenvalues < rel * eigenvalues.max()).sum())
+    scaled = AnchorStats(anchor.cov * 1000.0, anchor.count)   # same directions, larger keys
+    same = AlphaEditEditor({0: W0}, {0: scaled}, AlphaEditArgs(l2=1.0, nullspace_rel=rel))
+    assert same.null_space_dim(0) == editor.null_space_dim(0)
+    with pytest.raises(ValueError, match="nullspace_rel"):
+        AlphaEditArgs(l2=1.0)

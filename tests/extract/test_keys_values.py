@@ -35,12 +35,17 @@ def test_keys_and_values_have_documented_shapes(tiny):
     reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
     rewrite, groups = rewrite_batch(tiny.tokenizer, reqs, TEMPLATES)
     assert rewrite.input_ids.shape[0] == len(reqs) * len(TEMPLATES)
-    keys = compute_keys(tiny, 1, rewrite, groups, len(reqs))
-    assert keys.shape == (2, tiny.mlp_out(1).in_features)
-    z, z_init = compute_target_values(tiny, 1, rewrite, groups, kl_batch(tiny.tokenizer, reqs),
-                                      ValueArgs(steps=3))
-    assert z.shape == z_init.shape == (2, tiny.mlp_out(1).out_features)
+    keys, key_edits = compute_keys(tiny, 1, rewrite, groups, len(reqs))
+    assert keys.shape == (2, tiny.mlp_out(1).in_features) and key_edits.tolist() == [0, 1]
+    target = compute_target_values(tiny, 1, rewrite, groups, kl_batch(tiny.tokenizer, reqs),
+                                   ValueArgs(steps=3))
+    d = tiny.mlp_out(1).out_features
+    assert target.delta.shape == target.stream_target.shape == target.stream_init.shape == (2, d)
+    assert target.nll.shape == target.delta_ratio.shape == (2,)
+    z = target.stream_target
     assert not z.requires_grad and torch.isfinite(z).all()
+    # on a Llama block the projection's change is the stream's change
+    torch.testing.assert_close(z - target.stream_init, target.delta)
     assert not any(p.requires_grad or p.grad is not None for p in tiny.model.parameters())
 
 
@@ -61,7 +66,7 @@ def test_an_edit_makes_the_target_the_top_prediction(tiny):
     lm = load_model("tiny-llama")  # a private copy: this test edits weights
     req = request()
     stats = anchor_stats(lm, [1], read_corpus(CORPUS, 40))
-    editor = RLSEditor({1: layer_weight(lm, 1)}, stats, RLSArgs(lam=1e-3, mu=1e-4))
+    editor = RLSEditor({1: layer_weight(lm, 1)}, stats, RLSArgs(lam=1e-3, mu=0.5))
     target_first = lm.tokenizer(" Q")["input_ids"][0]
     prompt = lm.tokenizer(req.prompt, return_tensors="pt")
     assert lm.model(**prompt).logits[0, -1].argmax() != target_first
@@ -94,10 +99,11 @@ def test_bucketed_values_equal_one_joint_optimisation(tiny):
     rewrite, groups = rewrite_batch(tiny.tokenizer, reqs, TEMPLATES)
     kl = kl_batch(tiny.tokenizer, reqs)
     args = ValueArgs(steps=5, lr=1.0)
-    z_buckets, init_buckets = compute_target_values(tiny, 1, rewrite, groups, kl, args)
-    z_joint, init_joint = _optimise_deltas(tiny, 1, rewrite, groups, kl, args)
-    torch.testing.assert_close(init_buckets, init_joint, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(z_buckets, z_joint, rtol=1e-3, atol=1e-3)
+    buckets = compute_target_values(tiny, 1, rewrite, groups, kl, args)
+    joint = _optimise_deltas(tiny, 1, rewrite, groups, kl, args)
+    torch.testing.assert_close(buckets.stream_init, joint.stream_init, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(buckets.stream_target, joint.stream_target, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(buckets.nll, joint.nll, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name,overrides", [

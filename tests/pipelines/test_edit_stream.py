@@ -32,7 +32,16 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     assert saved["edits_per_second"] > 0
 
     run = mlflow.get_run(summary["mlflow_run_id"])
-    assert run.data.params["model"] == "tiny-llama" and run.data.params["editor.mu"] == "0.001"
+    from tasks.editors import editor_registry
+    mu = float(editor_registry()["rlsedit"]["mu"])
+    assert run.data.params["model"] == "tiny-llama" and run.data.params["editor.mu"] == str(mu)
+    # every edit's target value is on record, and whether it converged is a metric
+    assert len(saved["edit_records"]) == 6
+    assert all(r["value_nll"] >= 0 and r["delta_ratio"] > 0 for r in saved["edit_records"])
+    for key in ("all_value_nll_mean", "all_delta_ratio_max", "unconverged_fraction"):
+        assert key in saved["final"]
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(
+            run.info.run_id, key)] == [4, 6]
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "efficacy")
     assert [m.step for m in history] == [4, 6]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}

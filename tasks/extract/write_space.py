@@ -1,0 +1,63 @@
+"""From the residual stream to the edited projection's output.
+
+An editor writes V = K W at the MLP output projection, but the target value is optimised
+where it acts, in the residual stream after the block. On Llama-style blocks the MLP output
+is added to the stream as it is, so a change r wanted in the stream is the change r at the
+projection. Gemma-2/3 pass it through an RMSNorm first (`post_feedforward_layernorm`):
+the stream gets g ⊙ m / rms(m) for projection output m [d] and gain g [d].
+
+`projection_change` maps a wanted stream change through that norm exactly: every y with
+norm(y) = norm(m) + r is a positive multiple of u = (norm(m) + r) / g, since the norm
+ignores scale; we take the one as long as m (for a small change, the closest to m to first
+order; for a turn past 90° the closest positive multiple would shrink towards zero, where
+the norm's epsilon takes over). When norm(m) + r is not an output the norm can give (it
+only gives vectors with rms((·)/g) = 1) the direction is matched and the length is the
+norm's: the closest the layer can get.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.extract.hooks import capture, run_until
+from tasks.extract.tokens import TokenBatch
+
+
+def norm_gain(norm: torch.nn.Module, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """g [dim] of an RMS norm (any parametrisation, e.g. Gemma's 1 + weight): norm(1) = g."""
+    if "rmsnorm" not in type(norm).__name__.lower():
+        raise ValueError(f"the norm after the MLP is a {type(norm).__name__}; rlsedit can map "
+                         f"edits through RMS norms only")
+    return norm(torch.ones(dim, dtype=like.dtype, device=like.device))
+
+
+def projection_change(norm: torch.nn.Module | None, m: torch.Tensor,
+                      r: torch.Tensor) -> torch.Tensor:
+    """The change y [E, d] at the projection's output that moves the stream by r [E, d],
+    for projection outputs m [E, d] and the norm after the MLP (None: y = r)."""
+    if norm is None:
+        return r
+    with torch.no_grad():
+        m32, r32 = m.float(), r.float()
+        gain = norm_gain(norm, m.shape[-1], m32)
+        u = (norm(m32) + r32) / gain                                        # [E, d]
+        scale = m32.norm(dim=-1, keepdim=True) / u.norm(dim=-1, keepdim=True)
+        return (scale * u - m32).to(r.dtype)
+
+
+def stream_change(norm: torch.nn.Module | None, m: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """The residual-stream change [.., d] a change y at the projection's output m makes
+    (differentiable in y)."""
+    if norm is None:
+        return y
+    return norm(m + y) - norm(m)
+
+
+@torch.no_grad()
+def projection_outputs_at(lm, layer: int, batch: TokenBatch) -> torch.Tensor:
+    """Output of `layer`'s edited projection at each row's lookup position -> [B, d]."""
+    with capture(lm.mlp_out(layer), "output", stop=True) as seen:
+        run_until(lm.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  use_cache=False)
+    return seen["value"][torch.arange(len(batch.lookup)), batch.lookup]
