@@ -297,8 +297,8 @@ class _DeltaLoss:
                                     keep_rows=keep_rows)
         target_logp = F.log_softmax(logits[: len(t_rows)], -1)
         token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None])       # [M, 1]
-        row_nll = group_mean(token_nll, t_rows, len(keep_rows)).squeeze(1)       # [b]
-        nll = group_mean(row_nll[:, None], sub_groups, self.n_edits).squeeze(1)  # [E]
+        row_nll = group_mean(token_nll, t_rows, len(keep_rows))                  # [b, 1]
+        nll = group_mean(row_nll[~sub_kl], sub_groups[~sub_kl], self.n_edits).squeeze(1)  # [E]
         kl_logp = F.log_softmax(logits[len(t_rows):], -1)
         kl_edits = sub_groups[k_rows]
         kl_div = torch.zeros(self.n_edits, device=groups.device, dtype=kl_logp.dtype).index_add(

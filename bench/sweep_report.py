@@ -1,0 +1,128 @@
+"""The table and the trade-off plot of one or more finished grid sweeps (issue 13).
+
+    python -m bench.sweep_report --grid-dir /root/rlsedit-runs/grid-fidelity-sweep \
+        --plot docs/img/tradeoff-smollm2-135m.png --append
+
+Reads every cell's `summary.json` under `<grid-dir>/cells/`, prints one row per cell with
+the final edit metrics ± their standard error (each is a share of edits over the n scored,
+so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity, the capability scores,
+the share of edits whose target value did not converge, and edits/s. The plot puts each
+cell at (held-out perplexity, efficacy), one line per editor kind through its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from bench.docs import append_section, command_line
+
+SHARES = ("efficacy", "generalization", "specificity", "retention_efficacy")
+SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel", "ft": "norm_bound"}
+CAP = ("cap.rlsedit_sst2.acc", "cap.rlsedit_agnews.acc")
+
+
+def read_cells(grid_dirs: list[str]) -> dict[str, dict]:
+    """{cell name: summary} over every finished cell of the grids, in name order."""
+    cells = {}
+    for grid_dir in grid_dirs:
+        for path in sorted(Path(grid_dir).glob("cells/*/summary.json")):
+            cells[path.parent.name] = json.loads(path.read_text())
+    if not cells:
+        raise SystemExit(f"no finished cell (cells/*/summary.json) under {grid_dirs}")
+    return cells
+
+
+def with_se(p: float | None, n: int) -> str:
+    if p is None:
+        return ""
+    return f"{p:.3f} ± {math.sqrt(max(p * (1 - p), 0.0) / n):.3f}"
+
+
+def scored_count(summary: dict, metric: str) -> int:
+    """How many edits a final share was taken over."""
+    if metric.startswith("retention_"):
+        return summary["retention_first_k"]
+    return summary["config"]["num_edits"]
+
+
+def row(name: str, summary: dict, values: dict) -> list[str]:
+    cells = [name] + [with_se(values.get(m), scored_count(summary, m)) for m in SHARES]
+    cells.append(f"{values['perplexity']:.0f}" if values.get("perplexity") else "")
+    cells += [f"{values[c]:.3f}" if values.get(c) is not None else "" for c in CAP]
+    return cells
+
+
+def table(cells: dict[str, dict]) -> str:
+    first = next(iter(cells.values()))
+    k = first["retention_first_k"]
+    header = ["cell", "efficacy", "generalization", "specificity", f"first-{k} efficacy",
+              "held-out ppl", "SST-2 acc", "AG News acc", "unconverged values",
+              "mean ‖δ‖/‖z‖", "edits/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append("| " + " | ".join(row("unedited", first, first["unedited"]) + [""] * 3) + " |")
+    for name, s in cells.items():
+        final = s["final"]
+        extra = [f"{final.get('unconverged_fraction', float('nan')):.3f}",
+                 f"{final.get('all_delta_ratio_mean', float('nan')):.2f}",
+                 f"{s['edits_per_second']:.3f}"]
+        lines.append("| " + " | ".join(row(name, s, final) + extra) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
+    """Efficacy against held-out perplexity, one line per editor kind over its setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    kinds: dict[str, list] = {}
+    for name, s in cells.items():
+        kind = s["editor_settings"]["kind"]
+        setting = s["editor_settings"].get(SETTING_KEY.get(kind, ""), None)
+        kinds.setdefault(kind, []).append((setting or 0.0, s["final"].get("perplexity"),
+                                           s["final"]["efficacy"], name))
+    for kind, points in sorted(kinds.items()):
+        points = sorted(p for p in points if p[1] is not None)
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=kind)
+        for _, ppl, eff, name in points:
+            ax.annotate(name.split("-", 2)[-1].removesuffix("-s0"), (ppl, eff), fontsize=7)
+    base = next(iter(cells.values()))["unedited"]
+    ax.axvline(base["perplexity"], color="grey", linestyle="--", linewidth=1,
+               label="unedited perplexity")
+    ax.set_xlabel("held-out word perplexity (lower is better)")
+    ax.set_ylabel("efficacy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grid-dir", nargs="+", required=True)
+    parser.add_argument("--plot", help="write the trade-off plot to this PNG")
+    parser.add_argument("--heading", default="Fidelity sweep")
+    parser.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    cells = read_cells(args.grid_dir)
+    body = table(cells)
+    if args.plot:
+        body += f"\n\n![efficacy against held-out perplexity]({Path(args.plot).relative_to('docs')})"
+        plot_tradeoff(cells, args.plot)
+    print(body)
+    if args.append:
+        append_section(args.heading, command_line("bench.sweep_report", argv), "this machine",
+                       body)
+
+
+if __name__ == "__main__":
+    main()
