@@ -114,8 +114,11 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
                 z_now = block_outputs_at(lm, layers[-1], bare)
             keys, key_edits = compute_keys(lm, layer, rewrite, groups, len(requests),
                                            key_args.mode)                # [R, d_k], [R]
-            change = layer_change(lm, layer, bare,
-                                  (target.stream_target - z_now) / (len(layers) - i))
+            if len(layers) == 1:   # the optimised change itself: exact on any block
+                change = target.delta
+            else:
+                change = layer_change(lm, layer, bare,
+                                      (target.stream_target - z_now) / (len(layers) - i))
         clock.start("update")
         W = editor.weight(layer)
         values = keys.to(W.dtype) @ W + change.to(W.dtype)[key_edits]       # [R, d_v]

@@ -22,6 +22,8 @@ import torch
 from tasks.extract.hooks import capture, run_until
 from tasks.extract.tokens import TokenBatch
 
+GAIN_FLOOR = 1e-2   # output dims whose norm gain is under this × the median gain are fixed
+
 
 def norm_gain(norm: torch.nn.Module, dim: int, like: torch.Tensor) -> torch.Tensor:
     """g [dim] of an RMS norm (any parametrisation, e.g. Gemma's 1 + weight): norm(1) = g."""
@@ -40,7 +42,10 @@ def projection_change(norm: torch.nn.Module | None, m: torch.Tensor,
     with torch.no_grad():
         m32, r32 = m.float(), r.float()
         gain = norm_gain(norm, m.shape[-1], m32)
-        u = (norm(m32) + r32) / gain                                        # [E, d]
+        # a gain near 0 (Gemma-3 has some) leaves its output fixed: keep m's share there
+        usable = gain.abs() > GAIN_FLOOR * gain.abs().median()
+        rms = m32.pow(2).mean(-1, keepdim=True).sqrt()
+        u = torch.where(usable, (norm(m32) + r32) / torch.where(usable, gain, 1.0), m32 / rms)
         scale = m32.norm(dim=-1, keepdim=True) / u.norm(dim=-1, keepdim=True)
         return (scale * u - m32).to(r.dtype)
 
