@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from bench.docs import append_section, command_line
+from pipelines.report import save_figure
 
 SHARES = ("efficacy", "generalization", "specificity", "retention_efficacy")
 SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel", "ft": "norm_bound"}
@@ -98,12 +99,7 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
     ax.set_ylabel("efficacy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -119,6 +119,13 @@ def plot_panels(summaries: dict[str, dict], metrics: list[str] | tuple[str, ...]
     axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it as PNG to `path` (folders made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

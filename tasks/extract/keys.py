@@ -66,9 +66,14 @@ def compute_keys(lm, layer: int, batch: TokenBatch, groups: torch.Tensor,
 
 
 @torch.no_grad()
-def block_outputs_at(lm, layer: int, batch: TokenBatch) -> torch.Tensor:
-    """Residual stream after block `layer` at each row's lookup position -> [B, d]."""
-    with capture(lm.block(layer), "output", stop=True) as seen:
+def outputs_at(lm, module: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """`module`'s output at each row's lookup position -> [B, d]; the forward stops there."""
+    with capture(module, "output", stop=True) as seen:
         run_until(lm.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   use_cache=False)
     return seen["value"][torch.arange(len(batch.lookup)), batch.lookup]
+
+
+def block_outputs_at(lm, layer: int, batch: TokenBatch) -> torch.Tensor:
+    """Residual stream after block `layer` at each row's lookup position -> [B, d]."""
+    return outputs_at(lm, lm.block(layer), batch)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.extract.hooks import capture, run_until
+from tasks.extract.keys import outputs_at
 from tasks.extract.tokens import TokenBatch
 
 GAIN_FLOOR = 1e-2   # output dims whose norm gain is under this × the median gain are fixed
@@ -59,10 +59,6 @@ def stream_change(norm: torch.nn.Module | None, m: torch.Tensor,
     return norm(m + y) - norm(m)
 
 
-@torch.no_grad()
 def projection_outputs_at(lm, layer: int, batch: TokenBatch) -> torch.Tensor:
     """Output of `layer`'s edited projection at each row's lookup position -> [B, d]."""
-    with capture(lm.mlp_out(layer), "output", stop=True) as seen:
-        run_until(lm.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  use_cache=False)
-    return seen["value"][torch.arange(len(batch.lookup)), batch.lookup]
+    return outputs_at(lm, lm.mlp_out(layer), batch)
