@@ -2,9 +2,11 @@
 
 Convention K W ≈ V, W [d_k, d_v]. With C = K0ᵀK0 / n0 the mean anchor covariance, the
 projector P̂ = U₀U₀ᵀ [d_k, d_k] spans the eigenvectors of C whose eigenvalues are below
-a threshold: `nullspace_rel` × C's largest eigenvalue (relative to the spectrum, so it
-means the same on any model), or an absolute `nullspace_threshold` as AlphaEdit publishes
-it (2e-2 for Llama3-8B, which on smollm2 puts 1,088 of 1,536 directions in the null space). For a batch K [u, d_k], residuals R = V − K W [u, d_v] and the keys
+a threshold: `nullspace_rel` × C's mean eigenvalue tr(C)/d_k (relative to the spectrum, so
+it means the same on any model; the mean, not the largest, since one dominant direction
+would move a cut tied to the largest: Gemma-3-270M's layer 4 has a top eigenvalue 490×
+its mean), or an absolute `nullspace_threshold` as AlphaEdit publishes it (2e-2 for
+Llama3-8B, which on smollm2 puts 1,088 of 1,536 directions in the null space). For a batch K [u, d_k], residuals R = V − K W [u, d_v] and the keys
 of all past edits accumulated as C_past = Σ K_iᵀK_i, the update is
 
     (P̂ (KᵀK + C_past) + l2·I) ΔW = P̂ Kᵀ R
@@ -24,20 +26,20 @@ from tasks.editors.base import KeyValueEditor
 @dataclass
 class AlphaEditArgs:
     l2: float                    # weight of ||ΔW||² (AlphaEdit: L2)
-    nullspace_rel: float | None = None        # P̂: eigenvalues < this × the largest, unless
+    nullspace_rel: float | None = None        # P̂: eigenvalues < this × their mean, unless
     nullspace_threshold: float | None = None  # an absolute cut is given (it takes precedence)
     dtype: str = "float64"
 
     def __post_init__(self):
         if self.nullspace_rel is None and self.nullspace_threshold is None:
             raise ValueError("AlphaEdit needs editor_args.nullspace_rel (relative to the "
-                             "largest anchor eigenvalue) or editor_args.nullspace_threshold")
+                             "mean anchor eigenvalue) or editor_args.nullspace_threshold")
 
     def threshold(self, eigenvalues: torch.Tensor) -> float:
         """The absolute cut on the eigenvalues [d_k] of the mean anchor covariance."""
         if self.nullspace_threshold is not None:
             return self.nullspace_threshold
-        return self.nullspace_rel * float(eigenvalues.max())
+        return self.nullspace_rel * float(eigenvalues.mean())
 
 
 def null_space_projector(mean_cov: torch.Tensor, args: AlphaEditArgs) -> torch.Tensor:
