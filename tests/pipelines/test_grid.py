@@ -119,7 +119,27 @@ def test_grid_config_errors_name_the_problem(tmp_path):
         grid_cells(parse_args(smoke_args(tmp_path, "--set", "models=[gpt-9]")))
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-1k", "full-10k"])
+def test_grid_variants_name_settings_of_an_editor(tmp_path):
+    from pipelines.grid import _edit_layers
+
+    cfg = parse_args(smoke_args(
+        tmp_path, "--set", "editors=[rlsedit,rls-wide]",
+        "--set", "variants.rls-wide={editor: rlsedit, editor_args: {mu: 7}, "
+                 "stream: {layers: [1, 2], keys: {mode: rows}, values: {lr: 0.1}}}"))
+    plain, wide = grid_cells(cfg)
+    assert wide.name == "tiny-llama-rls-wide-s0" and wide.cfg["editor"] == "rlsedit"
+    assert wide.cfg["editor_args"] == {"mu": 7} and wide.cfg["layers"] == [1, 2]
+    assert wide.cfg["keys"]["mode"] == "rows" and wide.cfg["values"]["lr"] == 0.1
+    assert wide.cfg["values"]["steps"] == plain.cfg["values"]["steps"] == 4  # grid's own keys kept
+    assert plain.cfg["keys"]["mode"] == "mean" and plain.cfg["editor_args"] == {}
+    assert _edit_layers("tiny-llama", [plain, wide]) == [1, 2]   # anchors cover every cell
+    with pytest.raises(ValueError, match="variant 'bad' needs `editor`"):
+        grid_cells(parse_args(smoke_args(tmp_path, "--set", "editors=[bad]",
+                                         "--set", "variants.bad={mu: 3}")))
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-1k", "full-10k", "fidelity-sweep",
+                                  "fidelity-sweep-2", "gemma-layers"])
 def test_shipped_grid_configs_resolve(name, tmp_path):
     cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / f"{name}.yaml"),
                       "--set", f"output_dir={tmp_path}"])
