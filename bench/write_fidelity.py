@@ -5,9 +5,10 @@
 For edits of counterfact-train.json, the target value is optimised at `--layer` and the
 residual-stream change r it asks for at the bare prompt is read. The old rule wrote r as
 the change at the projection's output; the new one writes the optimised projection change
-δ. Each is pushed through the block's post-MLP norm (if any) and compared with r:
-‖stream change made − r‖ / ‖r‖ per edit (what an exact write at the key gives). Also
-prints the norm's gain range, which is why the old rule fails there.
+δ, rescaled so the output keeps its length (`rescaled_change`). Each is pushed through
+the block's post-MLP norm (if any) and compared with r: ‖stream change made − r‖ / ‖r‖
+per edit (what an exact write at the key gives), with the length of what is written over
+‖m‖. Also prints the norm's gain range, which is why the old rule fails there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from bench.docs import append_section, command_line
 from tasks.data import load_requests
 from tasks.extract.prompts import kl_batch, make_context_templates, prompt_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
-from tasks.extract.write_space import norm_gain, projection_outputs_at, stream_change
+from tasks.extract.write_space import (norm_gain, projection_outputs_at, rescaled_change,
+                                      stream_change)
 from tasks.models import load_model
 
 TRAIN = "../shared/data/counterfact/counterfact-train.json"
@@ -42,12 +44,15 @@ def measure(model: str, layer: int, num_edits: int) -> str:
     wanted = target.stream_target - target.stream_init
     norm = lm.mlp_post_norm(layer)
     m = projection_outputs_at(lm, layer, prompt_batch(lm.tokenizer, requests))
+    rules = (("old: stream change written at the projection", wanted),
+             ("optimised projection change δ", target.delta),
+             ("new: δ rescaled to keep ‖m‖", rescaled_change(norm, m, target.delta)))
+    lines = ["| write rule | median miss | max miss | mean ‖written‖/‖m‖ |", "|---|---|---|---|"]
     with torch.no_grad():
-        old, new = relative_miss(norm, m, wanted, wanted), relative_miss(norm, m, target.delta, wanted)
-    lines = ["| write rule | median miss | max miss |", "|---|---|---|"]
-    for name, miss in (("old: stream change written at the projection", old),
-                       ("new: optimised projection change", new)):
-        lines.append(f"| {name} | {miss.median():.2e} | {miss.max():.2e} |")
+        for name, change in rules:
+            miss = relative_miss(norm, m, change, wanted)
+            size = (change.norm(dim=1) / m.norm(dim=1)).mean()
+            lines.append(f"| {name} | {miss.median():.2e} | {miss.max():.2e} | {size:.2f} |")
     if norm is not None:
         gain = norm_gain(norm, m.shape[-1], m.float())
         lines.append(f"\nPost-MLP norm gains of layer {layer}: {float(gain.min()):.3g} to "

@@ -19,7 +19,7 @@ from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
 from tasks.extract.values import TargetValues, ValueArgs, compute_target_values
-from tasks.extract.write_space import projection_change, projection_outputs_at
+from tasks.extract.write_space import projection_change, projection_outputs_at, rescaled_change
 from tasks.models import vocab_logits
 
 
@@ -85,6 +85,15 @@ def layer_change(lm, layer: int, bare, wanted: torch.Tensor) -> torch.Tensor:
     return projection_change(norm, projection_outputs_at(lm, layer, bare), wanted)
 
 
+def single_layer_change(lm, layer: int, bare, delta: torch.Tensor) -> torch.Tensor:
+    """The optimised projection change δ [E, d] itself, or behind a post-MLP norm the
+    change of the same effect that keeps the output's length (`rescaled_change`)."""
+    norm = lm.mlp_post_norm(layer)
+    if norm is None:
+        return delta
+    return rescaled_change(norm, projection_outputs_at(lm, layer, bare), delta)
+
+
 def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
     """How far each edit's target value went and whether it converged."""
     nll, ratio = target.nll.float(), target.delta_ratio.float()
@@ -114,8 +123,8 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
                 z_now = block_outputs_at(lm, layers[-1], bare)
             keys, key_edits = compute_keys(lm, layer, rewrite, groups, len(requests),
                                            key_args.mode)                # [R, d_k], [R]
-            if len(layers) == 1:   # the optimised change itself: exact on any block
-                change = target.delta
+            if len(layers) == 1:   # the optimised change (its shortest equivalent): exact
+                change = single_layer_change(lm, layer, bare, target.delta)
             else:
                 change = layer_change(lm, layer, bare,
                                       (target.stream_target - z_now) / (len(layers) - i))

@@ -50,6 +50,21 @@ def projection_change(norm: torch.nn.Module | None, m: torch.Tensor,
         return (scale * u - m32).to(r.dtype)
 
 
+def rescaled_change(norm: torch.nn.Module | None, m: torch.Tensor,
+                    delta: torch.Tensor) -> torch.Tensor:
+    """The change y [E, d] at the projection's output that moves the stream exactly as δ
+    [E, d] does at outputs m [E, d], and leaves the output as long as m was (None: δ).
+
+    Behind an RMS norm only the direction of m + δ reaches the stream, so any positive
+    multiple of it will do; the optimiser's δ is often several times ‖m‖ long (the clamp
+    binds on every Gemma-3 edit), while ‖y‖ = 2‖m‖ sin(θ/2) for the turn θ it makes:
+    the same edit at the key, a smaller change to the weights."""
+    if norm is None:
+        return delta
+    target = m + delta
+    return m.norm(dim=-1, keepdim=True) * target / target.norm(dim=-1, keepdim=True) - m
+
+
 def stream_change(norm: torch.nn.Module | None, m: torch.Tensor,
                   y: torch.Tensor) -> torch.Tensor:
     """The residual-stream change [.., d] a change y at the projection's output m makes

@@ -22,6 +22,11 @@ def target_of(lm, reqs):
     return compute_target_values(lm, 1, rewrite, groups, kl_batch(lm.tokenizer, reqs), VALUES)
 
 
+def rewrite_keys(lm, reqs):
+    rewrite, groups = rewrite_batch(lm.tokenizer, reqs, BARE_ONLY)
+    return compute_keys(lm, 1, rewrite, groups, len(reqs))[0]
+
+
 def exact_writer(lm):
     """RLS with a negligible pull and no anchor: one key is written exactly."""
     return RLSEditor({1: layer_weight(lm, 1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 8)),
@@ -51,14 +56,20 @@ def test_gemma3_edit_writes_the_optimised_stream_at_its_key():
     assert float(wanted.norm(dim=1).min()) > 0.1 * float(target.stream_init.norm(dim=1).max())
     bare = prompt_batch(lm.tokenizer, reqs)
 
-    apply_edit_batch(lm, exact_writer(lm), reqs, BARE_ONLY, (1,), VALUES)
+    editor = exact_writer(lm)
+    W0 = editor.weight(1).clone()
+    apply_edit_batch(lm, editor, reqs, BARE_ONLY, (1,), VALUES)
     miss = (block_outputs_at(lm, 1, bare) - target.stream_target).norm(dim=1)
     scale = target.stream_target.norm(dim=1)
     assert (miss < 1e-3 * scale).all(), (miss, scale)
+    # the output keeps its length, so the write is no longer than the optimised δ
+    m = projection_outputs_at(load_model("tiny-gemma3"), 1, bare)
+    written = rewrite_keys(lm, reqs) @ (editor.weight(1) - W0).float()
+    torch.testing.assert_close((m + written).norm(dim=1), m.norm(dim=1), rtol=1e-3, atol=1e-3)
+    assert (written.norm(dim=1) <= target.delta.norm(dim=1) + 1e-4).all()
 
     naive = load_model("tiny-gemma3")          # the old write: the stream change as it is
-    rewrite, groups = rewrite_batch(naive.tokenizer, reqs, BARE_ONLY)
-    keys, _ = compute_keys(naive, 1, rewrite, groups, len(reqs))
+    keys = rewrite_keys(naive, reqs)
     editor = exact_writer(naive)
     editor.update(1, keys, keys.double() @ editor.weight(1) + wanted.double())
     naive.mlp_out(1).weight.data.copy_(editor.weight(1).T.float())
