@@ -139,7 +139,7 @@ def test_grid_variants_name_settings_of_an_editor(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-1k", "full-10k", "fidelity-sweep",
-                                  "fidelity-sweep-2", "gemma-layers"])
+                                  "fidelity-sweep-2", "gemma-layers", "gemma-300"])
 def test_shipped_grid_configs_resolve(name, tmp_path):
     cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / f"{name}.yaml"),
                       "--set", f"output_dir={tmp_path}"])
