@@ -45,7 +45,7 @@ class ValueArgs:
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖z‖; AlphaEdit Llama3: 0.75, EasyEdit Llama: 4
     early_stop: float = 5e-2      # an edit stops once its loss is under this (MEMIT: 5e-2)
     stop_on: str = "nll"          # nll: the target NLL alone; total: NLL + KL + decay (MEMIT),
-                                  # 1.7× the cost here (docs/benchmarks.md, "Fidelity sweep")
+                                  # slower here (docs/benchmarks.md, "Fidelity sweep")
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
 
