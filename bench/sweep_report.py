@@ -5,7 +5,8 @@
 
 Reads every cell's `summary.json` under `<grid-dir>/cells/`, prints one row per cell with
 the final edit metrics ± their standard error (each is a share of edits over the n scored,
-so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity, the capability scores,
+so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity (the grid's token perplexity and lm-eval's word perplexity), the
+capability scores, fluency,
 the share of edits whose target value did not converge, and edits/s. The plot puts each
 cell at (held-out perplexity, efficacy), one line per editor kind through its settings.
 """
@@ -22,7 +23,7 @@ from pipelines.report import save_figure
 
 SHARES = ("efficacy", "generalization", "specificity", "retention_efficacy")
 SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel", "ft": "norm_bound"}
-CAP = ("cap.rlsedit_sst2.acc", "cap.rlsedit_agnews.acc")
+CAP = ("cap.rlsedit_agnews_ppl.word_perplexity", "cap.rlsedit_sst2.acc", "cap.rlsedit_agnews.acc")
 
 
 def read_cells(grid_dirs: list[str]) -> dict[str, dict]:
@@ -52,7 +53,8 @@ def scored_count(summary: dict, metric: str) -> int:
 def row(name: str, summary: dict, values: dict) -> list[str]:
     cells = [name] + [with_se(values.get(m), scored_count(summary, m)) for m in SHARES]
     cells.append(f"{values['perplexity']:.0f}" if values.get("perplexity") else "")
-    cells += [f"{values[c]:.3f}" if values.get(c) is not None else "" for c in CAP]
+    cells += [f"{values[c]:.3g}" if values.get(c) is not None else "" for c in CAP]
+    cells.append(f"{values['fluency']:.2f}" if values.get("fluency") is not None else "")
     return cells
 
 
@@ -60,7 +62,8 @@ def table(cells: dict[str, dict]) -> str:
     first = next(iter(cells.values()))
     k = first["retention_first_k"]
     header = ["cell", "efficacy", "generalization", "specificity", f"first-{k} efficacy",
-              "held-out ppl", "SST-2 acc", "AG News acc", "unconverged values",
+              "held-out token ppl", "held-out word ppl (lm-eval)", "SST-2 acc", "AG News acc",
+              "fluency", "unconverged values",
               "mean ‖δ‖/‖z‖", "edits/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append("| " + " | ".join(row("unedited", first, first["unedited"]) + [""] * 3) + " |")
