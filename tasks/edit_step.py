@@ -123,7 +123,7 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
                 z_now = block_outputs_at(lm, layers[-1], bare)
             keys, key_edits = compute_keys(lm, layer, rewrite, groups, len(requests),
                                            key_args.mode)                # [R, d_k], [R]
-            if len(layers) == 1:   # the optimised change (its shortest equivalent): exact
+            if len(layers) == 1:   # the optimised change, or its equal behind a norm: exact
                 change = single_layer_change(lm, layer, bare, target.delta)
             else:
                 change = layer_change(lm, layer, bare,
