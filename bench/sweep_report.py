@@ -98,7 +98,7 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
     base = next(iter(cells.values()))["unedited"]
     ax.axvline(base["perplexity"], color="grey", linestyle="--", linewidth=1,
                label="unedited perplexity")
-    ax.set_xlabel("held-out word perplexity (lower is better)")
+    ax.set_xlabel("held-out token perplexity (lower is better)")
     ax.set_ylabel("efficacy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
