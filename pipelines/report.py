@@ -19,8 +19,15 @@ CURVES = EDIT_METRICS + RETENTION_METRICS
 CAPABILITY_PREFIX = "cap."
 
 
-def _cell(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _cell(value, se=None) -> str:
+    """`0.935` or, with a standard error, `0.935 ± 0.008`."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
+
+
+def _value(metrics: dict, name: str) -> str:
+    return _cell(metrics.get(name), metrics.get(name + "_se"))
 
 
 def capability_metrics(summaries: dict[str, dict]) -> list[str]:
@@ -44,9 +51,9 @@ def comparison_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[st
     columns = [*TABLE_COLUMNS, *capability_metrics(summaries)]
     header = ["editor", *(_short(c, k) for c in columns), "edits/s"]
     base = any_summary["unedited"]
-    rows = [["unedited", *(_cell(base.get(c)) for c in columns), ""]]
+    rows = [["unedited", *(_value(base, c) for c in columns), ""]]
     for name, s in summaries.items():
-        rows.append([name, *(_cell(s["final"].get(c)) for c in columns),
+        rows.append([name, *(_value(s["final"], c) for c in columns),
                      f"{s['edits_per_second']:.3f}"])
     return header, rows
 
@@ -101,9 +108,15 @@ def plot_panels(summaries: dict[str, dict], metrics: list[str] | tuple[str, ...]
     k = next(iter(summaries.values()))["retention_first_k"]
     for ax, metric in zip(axes.flat, metrics):
         for name, s in summaries.items():
-            points = [(h["edits"], h[metric]) for h in s["history"] if h.get(metric) is not None]
+            points = [(h["edits"], h[metric], h.get(metric + "_se"))
+                      for h in s["history"] if h.get(metric) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
+                line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                                label=name)
+                if all(p[2] is not None for p in points):   # a band of ±1 standard error
+                    ax.fill_between([p[0] for p in points], [p[1] - p[2] for p in points],
+                                    [p[1] + p[2] for p in points], color=line.get_color(),
+                                    alpha=0.15, linewidth=0)
         if base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
         label = metric.replace("retention_", f"retention (first {k}): ")
@@ -142,7 +155,8 @@ def plot_curves(summaries: dict[str, dict], path: str | Path, title: str = "") -
 def write_reports(summaries: dict[str, dict], out_dir: str | Path, stem: str,
                   title: str = "") -> dict[str, Path]:
     """Every report of one comparison, as files in `out_dir` named `<kind>-<stem>.*`:
-    metrics, retention and (when scored) capability plots against edits applied, and
+    metrics, retention, anchor deviation (when logged) and (when scored) capability plots
+    against edits applied (bands: ±1 standard error where logged), and
     the final table as markdown and HTML. Returns {kind: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +167,10 @@ def write_reports(summaries: dict[str, dict], out_dir: str | Path, stem: str,
         "retention": plot_panels(summaries, RETENTION_METRICS, out_dir / f"retention-{stem}.png",
                                  f"{title}: retention of the first {k} edits"),
     }
+    if any("anchor_deviation" in h for s in summaries.values() for h in s["history"]):
+        files["deviation"] = plot_panels(summaries, ["anchor_deviation"],
+                                         out_dir / f"deviation-{stem}.png",
+                                         f"{title}: anchor deviation", unit_range=False)
     capability = capability_metrics(summaries)
     if capability:
         files["capability"] = plot_panels(summaries, capability,

@@ -49,6 +49,16 @@ class AnchorStats:
     def __add__(self, other: "AnchorStats") -> "AnchorStats":
         return AnchorStats(self.cov + other.cov, self.count + other.count)
 
+    def deviation(self, W: torch.Tensor, W0: torch.Tensor) -> float:
+        """How far the edited layer moved on the anchor keys, relative to what it outputs
+        there: tr(ΔWᵀ C̄0 ΔW) / tr(W0ᵀ C̄0 W0) = E‖k ΔW‖² / E‖k W0‖² over anchor tokens,
+        with W, W0 [d_k, d_v] and ΔW = W − W0. The quantity RLSEdit's μ-term protects;
+        no forward pass."""
+        C = self.mean_cov
+        W0 = W0.to(C)
+        dW = W.to(C) - W0
+        return float(((C @ dW) * dW).sum() / ((C @ W0) * W0).sum())
+
 
 def read_corpus(path: str | Path, n_texts: int | None = None, offset: int = 0) -> list[str]:
     """Texts of a `text<TAB>label` file (a header row, if any, is kept as text)."""

@@ -90,12 +90,23 @@ def score_requests(lm, requests: list[EditRequest], batch_size: int = 32) -> lis
     return scores
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean of `values` and its standard error over them, std/√n (for 0/1 scores that
+    is √(p(1−p)/n)); NaN for no values."""
+    if not values:
+        return float("nan"), float("nan")
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
+
+
 def aggregate(scores: list[dict], prefix: str = "") -> dict[str, float]:
-    """Mean of each metric over requests (NaNs, e.g. no rephrase prompt, skipped)."""
+    """Mean of each metric over requests (NaNs, e.g. no rephrase prompt, skipped) as
+    `<prefix><metric>`, and its standard error over requests as `<prefix><metric>_se`."""
     out = {}
     for name in METRIC_NAMES:
         values = [s[name] for s in scores if not math.isnan(s[name])]
-        out[prefix + name] = sum(values) / len(values) if values else float("nan")
+        out[prefix + name], out[prefix + name + "_se"] = mean_and_se(values)
     return out
 
 

@@ -200,8 +200,9 @@ class EditStream:
                                            else self.lm.spec.edit_layers)
         if anchor is None:
             anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
-        self.editor = build_editor(cfg.editor, {l: layer_weight(self.lm, l) for l in self.layers},
-                                   anchor, cfg.editor_args)
+        self.anchor = anchor
+        self.W0 = {l: layer_weight(self.lm, l) for l in self.layers}   # before any restore
+        self.editor = build_editor(cfg.editor, self.W0, anchor, cfg.editor_args)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = cfg.out_dir / "checkpoint.pt"
         self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
@@ -284,9 +285,18 @@ class EditStream:
     def record(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add speed and the last step's stats to `metrics` and keep them in the history."""
         metrics = {**metrics, "edits_per_second": self.position / self.state["edit_seconds"],
-                   **self.last_step_stats, **convergence(self.state.get("edit_records", []))}
+                   **self.last_step_stats, **convergence(self.state.get("edit_records", [])),
+                   **self.anchor_deviation()}
         self.state["history"].append({"edits": self.position, **metrics})
         return metrics
+
+    def anchor_deviation(self) -> dict[str, float]:
+        """`anchor_deviation.L<layer>` (see `AnchorStats.deviation`) per edited layer and
+        `anchor_deviation` (their mean), of the weights in the model now."""
+        per_layer = {f"anchor_deviation.L{l}": self.anchor[l].deviation(layer_weight(self.lm, l),
+                                                                        self.W0[l])
+                     for l in self.layers}
+        return {"anchor_deviation": sum(per_layer.values()) / len(per_layer), **per_layer}
 
     def checkpoint(self) -> None:
         write_atomically(self.ckpt_path, lambda tmp: torch.save(

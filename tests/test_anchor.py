@@ -64,3 +64,23 @@ def test_anchor_weight_is_independent_of_the_corpus_size(tiny):
     raw_change = float((P_raw - P_half).norm() / P_half.norm())
     assert change < 0.1, change      # what is left is the sampling noise of C̄0
     assert raw_change > 3 * change, (change, raw_change)
+
+
+def test_anchor_deviation_measures_the_change_on_anchor_keys():
+    """tr(ΔWᵀC̄0ΔW)/tr(W0ᵀC̄0W0): zero unedited and for a change the anchor keys never
+    reach, ε² for W = (1+ε)W0, and E‖kΔW‖²/E‖kW0‖² over the keys themselves."""
+    from tasks.anchor import AnchorStats
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    keys[:, -2:] = 0                                   # two directions no anchor key has
+    stats = AnchorStats(keys.T @ keys, 200)
+    W0 = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    assert stats.deviation(W0, W0) == 0.0
+    unseen = W0.clone()
+    unseen[-2:] += torch.randn(2, 5, generator=g, dtype=torch.float64)
+    assert abs(stats.deviation(unseen, W0)) < 1e-12
+    assert abs(stats.deviation(1.1 * W0, W0) - 0.01) < 1e-9
+    W = W0 + 0.3 * torch.randn(8, 5, generator=g, dtype=torch.float64)
+    direct = float(((keys @ (W - W0)) ** 2).sum() / ((keys @ W0) ** 2).sum())
+    assert abs(stats.deviation(W.float(), W0.float()) - direct) < 1e-5 * direct

@@ -97,3 +97,16 @@ def test_fuzzed_records_either_parse_or_raise_edit_record_error():
         except EditRecordError:
             continue
         assert request.subject in request.prompt and request.target_new.strip()
+
+
+def test_aggregate_gives_each_metric_its_standard_error():
+    from tasks.metrics import METRIC_NAMES, aggregate
+
+    scores = [{name: float(i % 4 == 0) for name in METRIC_NAMES} for i in range(100)]
+    scores[0]["generalization"] = float("nan")      # no rephrase prompt: left out
+    out = aggregate(scores, "retention_")
+    assert out["retention_efficacy"] == 0.25
+    assert abs(out["retention_efficacy_se"] - (0.25 * 0.75 / 100) ** 0.5) < 1e-12
+    p = 24 / 99
+    assert abs(out["retention_generalization"] - p) < 1e-12
+    assert abs(out["retention_generalization_se"] - (p * (1 - p) / 99) ** 0.5) < 1e-12
