@@ -348,6 +348,9 @@ def run_grid(cfg: GridConfig) -> dict:
         summary["unedited"] = baselines[cell.model]
         summary["mlflow_run_id"] = p["run_id"]
         summary["editor_restarts"] = p["restarts"]
+        scores_path = cell.dir / "final_scores.json"
+        summary["final_scores"] = (json.loads(scores_path.read_text())
+                                   if scores_path.exists() else None)
         _save_json(cell.dir / "summary.json", summary)
         logger.metrics(p["run_id"], {k: v for k, v in summary["final"].items()
                                      if k not in history[-1]}, summary["config"]["num_edits"])
@@ -365,6 +368,8 @@ def run_grid(cfg: GridConfig) -> dict:
             cell, n = evals.pop(item)
             p = pending[cell.name]
             p["results"][str(n)] = metrics = ray.get(item)
+            if "per_request" in metrics:   # the final evaluation's scores per request
+                _save_json(cell.dir / "final_scores.json", metrics.pop("per_request"))
             p["scoring"].discard(n)
             _save_json(cell.dir / "evals.json", p["results"])
             logger.metrics(p["run_id"], metrics, n)

@@ -80,6 +80,49 @@ def comparison_html(summaries: dict[str, dict], title: str = "") -> str:
             "</body></html>\n")
 
 
+def paired_difference(a: list[float], b: list[float], resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over paired scores and its 95% paired-bootstrap interval (edits
+    resampled with replacement, seeded). NaN pairs (no prompt to score) are left out."""
+    import torch
+
+    pairs = torch.tensor([(x, y) for x, y in zip(a, b) if x == x and y == y],
+                         dtype=torch.float64).reshape(-1, 2)
+    diff = pairs[:, 0] - pairs[:, 1]
+    if len(diff) == 0:
+        return float("nan"), float("nan"), float("nan")
+    picks = torch.randint(len(diff), (resamples, len(diff)),
+                          generator=torch.Generator().manual_seed(seed))
+    means = diff[picks].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(diff.mean()), float(low), float(high)
+
+
+def paired_table(summaries: dict[str, dict], metrics=("efficacy", "generalization",
+                                                      "specificity", "retention_efficacy")) -> str:
+    """Markdown: for each pair of summaries scored on the same edits (`final_scores`), the
+    mean difference of each metric edit by edit and its 95% interval; `*` marks an
+    interval that excludes 0. Empty when fewer than two summaries have scores."""
+    scored = {name: s["final_scores"] for name, s in summaries.items() if s.get("final_scores")}
+    names = list(scored)
+    rows = []
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if scored[first]["edits"] != scored[second]["edits"]:
+                continue
+            cells = []
+            for metric in metrics:
+                mean, low, high = paired_difference(scored[first][metric], scored[second][metric])
+                mark = "*" if low > 0 or high < 0 else ""
+                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+            rows.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    k = next(iter(summaries.values()))["retention_first_k"]
+    header = ["pair", *(m.replace("retention_", f"first-{k} ") for m in metrics)]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows])
+
+
 def curves_table(summaries: dict[str, dict], metric: str) -> str:
     """Markdown: `metric` at each evaluation point (rows) for each summary (columns)."""
     steps = sorted({h["edits"] for s in summaries.values() for h in s["history"]})
@@ -177,7 +220,11 @@ def write_reports(summaries: dict[str, dict], out_dir: str | Path, stem: str,
                                           out_dir / f"capability-{stem}.png",
                                           f"{title}: capability", unit_range=True)
     files["table_md"] = out_dir / f"comparison-{stem}.md"
-    files["table_md"].write_text(f"{title}\n\n{comparison_table(summaries)}\n")
+    paired = paired_table(summaries)
+    if paired:
+        paired = ("\n\nPaired differences on the same edits (mean, 95% paired-bootstrap "
+                  "interval; * excludes 0):\n\n" + paired)
+    files["table_md"].write_text(f"{title}\n\n{comparison_table(summaries)}{paired}\n")
     files["table_html"] = out_dir / f"comparison-{stem}.html"
     files["table_html"].write_text(comparison_html(summaries, title))
     return files

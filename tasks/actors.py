@@ -27,7 +27,7 @@ from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedite
 from tasks.config import from_dict
 from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
-from tasks.stream import (EditStream, StreamConfig, evaluation, stream_fluency,
+from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
                           stream_requests, unedited_scores)
 
 
@@ -182,12 +182,15 @@ class Evaluator:
     def evaluate(self, cfg: dict, snapshot: dict[str, np.ndarray], n_done: int,
                  heldout: dict, capability: dict | None = None) -> dict:
         """CounterFact metrics after `n_done` edits, retention, perplexity and (when
-        `capability` selects a suite) `cap.<task>.<metric>` scores of the snapshot."""
+        `capability` selects a suite) `cap.<task>.<metric>` scores of the snapshot. After
+        the last edit, "per_request" holds the scores per request (`scored_evaluation`)."""
         config, requests = self._stream_inputs(cfg)
         suite = self._suite(capability)
+        final = n_done == config.num_edits
         with self._weights(snapshot):
-            metrics = evaluation(self.lm, requests, config, n_done,
-                                 final=n_done == config.num_edits)
+            metrics, per_request = scored_evaluation(self.lm, requests, config, n_done, final)
+            if final:
+                metrics["per_request"] = per_request
             metrics["perplexity"] = self._perplexity(heldout)
             if suite is not None:
                 metrics.update({f"cap.{k}": v for k, v in suite.score().items()})

@@ -115,6 +115,8 @@ def pick_device(name: str) -> str:
     return name
 
 
+PAIRED_METRICS = ("efficacy", "generalization", "specificity")
+
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
@@ -147,6 +149,14 @@ def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dic
     """Metrics on the edits applied so far (all when final, else at most eval_max, evenly
     spaced) and retention: the same metrics on the first `retention_k` edits of the stream.
     Each request is scored once even when it counts for both."""
+    return scored_evaluation(lm, requests, cfg, n_done, final)[0]
+
+
+def scored_evaluation(lm, requests, cfg: StreamConfig, n_done: int,
+                      final: bool) -> tuple[dict[str, float], dict[str, list]]:
+    """`evaluation`'s metrics and the per-request scores behind them: {"edits": indices
+    scored, metric: [score per index], "retention_<metric>": [per early edit]} for the
+    PAIRED_METRICS, so two runs over the same edits can be compared edit by edit."""
     picked = list(range(n_done))
     if not final and n_done > cfg.eval_max:
         picked = [int(i * n_done / cfg.eval_max) for i in range(cfg.eval_max)]
@@ -156,7 +166,11 @@ def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dic
                                             cfg.eval_batch_size)))
     metrics = aggregate([scores[i] for i in picked])
     metrics.update(aggregate([scores[i] for i in early], "retention_"))
-    return metrics
+    per_request = {"edits": picked}
+    for name in PAIRED_METRICS:
+        per_request[name] = [scores[i][name] for i in picked]
+        per_request["retention_" + name] = [scores[i][name] for i in early]
+    return metrics, per_request
 
 
 def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
@@ -277,7 +291,10 @@ class EditStream:
         """Metrics now (see `evaluation`), speed and the last step's stats."""
         n = self.position
         tic = time.perf_counter()
-        metrics = evaluation(self.lm, self.requests, self.cfg, n, final=n == self.cfg.num_edits)
+        metrics, per_request = scored_evaluation(self.lm, self.requests, self.cfg, n,
+                                                 final=n == self.cfg.num_edits)
+        if n == self.cfg.num_edits:
+            self.state["final_scores"] = per_request
         phases = self.state.setdefault("phase_seconds", {})
         phases["evaluate"] = phases.get("evaluate", 0.0) + time.perf_counter() - tic
         return self.record(metrics)
@@ -330,6 +347,7 @@ class EditStream:
             "edit_layers": list(self.layers),
             "skipped_records": [asdict(record) for record in self.skipped],
             "edit_records": self.state.get("edit_records", []),  # per edit: value NLL, ‖δ‖/‖z‖
+            "final_scores": self.state.get("final_scores"),      # per request, at the end
             "history": self.state["history"],
             "config": to_dict(cfg),
             "editor_settings": self.editor_settings,

@@ -73,7 +73,7 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
     parent_artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"reports", "comparison.md", "grid_summary.json"} <= parent_artifacts
     reports = {a.path.split("/")[-1] for a in client.list_artifacts(parent, "reports")}
-    kinds = ("metrics", "retention", "capability")
+    kinds = ("metrics", "retention", "capability", "deviation")
     assert reports == {f"{kind}-tiny-llama.png" for kind in kinds} | {
         "comparison-tiny-llama.md", "comparison-tiny-llama.html"}
     for kind in kinds:   # next to grid_summary.json, with coloured lines drawn on it
@@ -81,6 +81,11 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
     assert (tmp_path / "grid" / "grid_summary.json").exists()
     page = (tmp_path / "grid" / "comparison-tiny-llama.html").read_text()
     assert page.count("<tr>") == 6 and "sst2.acc" in page   # header, unedited, 4 editors
+    assert "Paired differences" in (tmp_path / "grid" / "comparison-tiny-llama.md").read_text()
+    cell = json.loads(next((tmp_path / "grid" / "cells").glob("*rlsedit*/summary.json")).read_text())
+    assert cell["final_scores"]["edits"] == list(range(6))   # per request, for paired tests
+    assert len(cell["final_scores"]["retention_efficacy"]) == 1
+    assert cell["final"]["anchor_deviation"] > 0 and "efficacy_se" in cell["final"]
     table = json.loads((tmp_path / "grid.json").read_text())["table"]
     for editor in ("rlsedit", "memit", "alphaedit", "ft"):
         assert f"| tiny-llama-{editor}-s0 |" in table
