@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.docs import append_section, command_line
 from pipelines.report import save_figure
 
-SHARES = ("efficacy", "generalization", "specificity", "retention_efficacy")
+SHARES = ("efficacy", "generalization", "specificity", "specificity_nbhd", "retention_efficacy")
 SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel", "ft": "norm_bound"}
 CAP = ("cap.rlsedit_agnews_ppl.word_perplexity", "cap.rlsedit_sst2.acc", "cap.rlsedit_agnews.acc")
 
@@ -37,10 +37,13 @@ def read_cells(grid_dirs: list[str]) -> dict[str, dict]:
     return cells
 
 
-def with_se(p: float | None, n: int) -> str:
+def with_se(p: float | None, n: int, se: float | None = None) -> str:
+    """`p ± se`; without a logged `se`, the binomial one over `n`."""
     if p is None:
         return ""
-    return f"{p:.3f} ± {math.sqrt(max(p * (1 - p), 0.0) / n):.3f}"
+    if se is None:
+        se = math.sqrt(max(p * (1 - p), 0.0) / n)
+    return f"{p:.3f} ± {se:.3f}"
 
 
 def scored_count(summary: dict, metric: str) -> int:
@@ -51,7 +54,8 @@ def scored_count(summary: dict, metric: str) -> int:
 
 
 def row(name: str, summary: dict, values: dict) -> list[str]:
-    cells = [name] + [with_se(values.get(m), scored_count(summary, m)) for m in SHARES]
+    cells = [name] + [with_se(values.get(m), scored_count(summary, m), values.get(m + "_se"))
+                      for m in SHARES]
     cells.append(f"{values['perplexity']:.0f}" if values.get("perplexity") else "")
     cells += [f"{values[c]:.3g}" if values.get(c) is not None else "" for c in CAP]
     cells.append(f"{values['fluency']:.2f}" if values.get("fluency") is not None else "")
@@ -61,7 +65,8 @@ def row(name: str, summary: dict, values: dict) -> list[str]:
 def table(cells: dict[str, dict]) -> str:
     first = next(iter(cells.values()))
     k = first["retention_first_k"]
-    header = ["cell", "efficacy", "generalization", "specificity", f"first-{k} efficacy",
+    header = ["cell", "efficacy", "generalization", "specificity", "neighbourhood specificity",
+              f"first-{k} efficacy",
               "held-out token ppl", "held-out word ppl (lm-eval)", "SST-2 acc", "AG News acc",
               "fluency", "unconverged values",
               "mean ‖δ‖/‖z‖", "edits/s"]

@@ -36,6 +36,7 @@ from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import workdir_path, write_atomically
 from tasks.models import resolve_spec
+from tasks.neighbours import NeighbourArgs
 from tasks.stream import StreamConfig, snapshot_path
 
 log = logging.getLogger("rlsedit.grid")
@@ -94,6 +95,9 @@ def resolve_paths(cfg: GridConfig) -> GridConfig:
     stream["data"] = fix(stream.get("data", StreamConfig.data))
     stream["anchor"] = {**stream.get("anchor", {})}
     stream["anchor"]["corpus"] = fix(stream["anchor"].get("corpus", AnchorArgs.corpus))
+    stream["neighbours"] = {**stream.get("neighbours", {})}
+    pool = stream["neighbours"].get("pool", NeighbourArgs.pool)
+    stream["neighbours"]["pool"] = fix(pool) if pool else ""
     cfg.stream = stream
     cfg.heldout.corpus = fix(cfg.heldout.corpus)
     cfg.capability.data_dir = fix(cfg.capability.data_dir)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-TABLE_COLUMNS = ("efficacy", "generalization", "specificity", "fluency", "retention_efficacy",
+TABLE_COLUMNS = ("efficacy", "generalization", "specificity", "specificity_nbhd", "fluency",
+                 "retention_efficacy",
                  "retention_generalization", "retention_specificity")
-EDIT_METRICS = ("efficacy", "generalization", "specificity")
+EDIT_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd")
 RETENTION_METRICS = ("retention_efficacy", "retention_generalization", "retention_specificity")
 CURVES = EDIT_METRICS + RETENTION_METRICS
 CAPABILITY_PREFIX = "cap."
@@ -98,13 +99,15 @@ def paired_difference(a: list[float], b: list[float], resamples: int = 2000,
     return float(diff.mean()), float(low), float(high)
 
 
-def paired_table(summaries: dict[str, dict], metrics=("efficacy", "generalization",
-                                                      "specificity", "retention_efficacy")) -> str:
+def paired_table(summaries: dict[str, dict], metrics=("efficacy", "generalization", "specificity",
+                                                      "specificity_nbhd", "retention_efficacy")
+                 ) -> str:
     """Markdown: for each pair of summaries scored on the same edits (`final_scores`), the
     mean difference of each metric edit by edit and its 95% interval; `*` marks an
     interval that excludes 0. Empty when fewer than two summaries have scores."""
     scored = {name: s["final_scores"] for name, s in summaries.items() if s.get("final_scores")}
     names = list(scored)
+    metrics = [m for m in metrics if all(m in scores for scores in scored.values())]
     rows = []
     for i, first in enumerate(names):
         for second in names[i + 1:]:

@@ -120,7 +120,8 @@ class Evaluator:
 
     def _stream_inputs(self, cfg: dict):
         config = from_dict(StreamConfig, cfg)
-        key = f"{config.data}:{config.offset}:{config.num_edits}:{config.skip_bad_records}"
+        key = (f"{config.data}:{config.offset}:{config.num_edits}:{config.skip_bad_records}:"
+               f"{config.neighbours}")
         if key not in self._requests:
             self._requests[key] = stream_requests(config, self.lm.tokenizer)[0]
         return config, self._requests[key]

@@ -28,7 +28,8 @@ class EditRequest:
 
     `prompt` contains `subject` (its first occurrence is the edited subject); rephrase
     prompts test generalisation, locality prompts (whose answer is `locality_ground_truth`)
-    test that unrelated facts stay.
+    test that unrelated facts stay, neighbour prompts (`tasks/neighbours.py`, answer
+    `ground_truth`) that the edit stays with its subject.
     """
 
     case_id: int | str
@@ -39,6 +40,7 @@ class EditRequest:
     rephrase_prompts: tuple[str, ...]
     locality_prompts: tuple[str, ...]
     locality_ground_truth: str
+    neighbour_prompts: tuple[str, ...] = ()   # other subjects, same relation and true object
 
     @property
     def subject_end(self) -> int:

@@ -5,6 +5,8 @@ mean negative log-likelihood, as ROME does):
 - efficacy:        edit prompt,     P(target_new) > P(ground_truth)
 - generalization:  rephrase prompts, same test (mean over prompts)
 - specificity:     locality prompts, P(locality_ground_truth) > P(target_new)
+- specificity_nbhd: neighbourhood prompts (other subjects, same relation and true
+                   object: `tasks/neighbours.py`), P(ground_truth) > P(target_new)
 and EasyEdit's token-level accuracies (teacher-forced argmax == token) for the same three.
 Fluency: n-gram entropy of greedy generations from the edit prompts (ROME's weights).
 """
@@ -22,7 +24,7 @@ from tasks.data import EditRequest
 from tasks.extract.tokens import build_batch
 from tasks.models import vocab_logits
 
-METRIC_NAMES = ("efficacy", "generalization", "specificity",
+METRIC_NAMES = ("efficacy", "generalization", "specificity", "specificity_nbhd",
                 "efficacy_token_acc", "generalization_token_acc", "specificity_token_acc")
 
 
@@ -71,6 +73,7 @@ def score_requests(lm, requests: list[EditRequest], batch_size: int = 32) -> lis
             [(slot(p, req.target_new), slot(p, req.ground_truth)) for p in req.rephrase_prompts],
             [(slot(p, req.locality_ground_truth), slot(p, req.target_new))
              for p in req.locality_prompts],
+            [(slot(p, req.ground_truth), slot(p, req.target_new)) for p in req.neighbour_prompts],
         ))
     nll, acc = continuation_scores(lm, list(pairs), batch_size)
 
@@ -78,11 +81,12 @@ def score_requests(lm, requests: list[EditRequest], batch_size: int = 32) -> lis
         return sum(values) / len(values) if values else float("nan")
 
     scores = []
-    for (edit_new, edit_true), rephrase, locality in plan:
+    for (edit_new, edit_true), rephrase, locality, neighbours in plan:
         scores.append({
             "efficacy": float(nll[edit_new] < nll[edit_true]),
             "generalization": mean([float(nll[a] < nll[b]) for a, b in rephrase]),
             "specificity": mean([float(nll[a] < nll[b]) for a, b in locality]),
+            "specificity_nbhd": mean([float(nll[a] < nll[b]) for a, b in neighbours]),
             "efficacy_token_acc": float(acc[edit_new]),
             "generalization_token_acc": mean([float(acc[a]) for a, _ in rephrase]),
             "specificity_token_acc": mean([float(acc[a]) for a, _ in locality]),
@@ -102,11 +106,14 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 def aggregate(scores: list[dict], prefix: str = "") -> dict[str, float]:
     """Mean of each metric over requests (NaNs, e.g. no rephrase prompt, skipped) as
-    `<prefix><metric>`, and its standard error over requests as `<prefix><metric>_se`."""
+    `<prefix><metric>`, its standard error over requests as `<prefix><metric>_se`, and
+    `<prefix>specificity_nbhd_edits`: how many requests had a neighbour to score."""
     out = {}
     for name in METRIC_NAMES:
         values = [s[name] for s in scores if not math.isnan(s[name])]
         out[prefix + name], out[prefix + name + "_se"] = mean_and_se(values)
+        if name == "specificity_nbhd":
+            out[prefix + name + "_edits"] = len(values)
     return out
 
 

@@ -28,6 +28,7 @@ from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
 from tasks.metrics import aggregate, fluency, score_requests
 from tasks.models import cache_root, load_model
+from tasks.neighbours import NeighbourArgs, with_neighbours
 
 log = logging.getLogger("rlsedit.stream")
 DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
@@ -62,6 +63,7 @@ class StreamConfig:
     values: ValueArgs = field(default_factory=ValueArgs)
     keys: KeyArgs = field(default_factory=KeyArgs)
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
+    neighbours: NeighbourArgs = field(default_factory=NeighbourArgs)
 
     def __post_init__(self):
         for name in ("num_edits", "batch_size", "eval_every", "checkpoint_every"):
@@ -115,12 +117,12 @@ def pick_device(name: str) -> str:
     return name
 
 
-PAIRED_METRICS = ("efficacy", "generalization", "specificity")
+PAIRED_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd")
 
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
-                 "fluency_samples", "fluency_tokens")
+                 "fluency_samples", "fluency_tokens", "neighbours")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -142,7 +144,7 @@ def stream_requests(cfg: StreamConfig, tokenizer) -> tuple[list, list[SkippedRec
                              skipped=skipped)
     for record in skipped or []:
         log.warning("skipped %s", record.reason)
-    return requests, skipped or []
+    return with_neighbours(requests, cfg.neighbours, cfg.seed), skipped or []
 
 
 def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dict[str, float]:
@@ -179,7 +181,8 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
     key = json.dumps([cfg.model, str(Path(cfg.data).resolve()) if Path(cfg.data).exists()
                       else cfg.data, cfg.offset, cfg.num_edits, cfg.retention_k,
                       cfg.fluency_samples, cfg.fluency_tokens]
-                     + ([True] if cfg.skip_bad_records else []))   # old keys stay valid
+                     + ([True] if cfg.skip_bad_records else [])    # old keys stay valid
+                     + ([to_dict(cfg.neighbours)] if cfg.neighbours.pool else []))
     path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.exists():
         return json.loads(path.read_text())["scores"]
