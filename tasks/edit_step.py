@@ -100,8 +100,10 @@ def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
     return {"delta_norm": float(target.delta.norm(dim=1).mean()),
             "value_nll_mean": float(nll.mean()), "value_nll_max": float(nll.max()),
             "delta_ratio_mean": float(ratio.mean()), "delta_ratio_max": float(ratio.max()),
-            "edits": [{"case_id": r.case_id, "value_nll": float(n), "delta_ratio": float(q)}
-                      for r, n, q in zip(requests, nll, ratio)]}
+            "value_steps_mean": float(target.steps.float().mean()),
+            "edits": [{"case_id": r.case_id, "value_nll": float(n), "delta_ratio": float(q),
+                       "value_steps": int(s)}
+                      for r, n, q, s in zip(requests, nll, ratio, target.steps)]}
 
 
 def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args) -> dict:

@@ -99,8 +99,9 @@ UNCONVERGED_NLL = 0.5   # a target value whose NLL stays above this did not writ
 
 
 def convergence(records: list[dict]) -> dict[str, float]:
-    """Over every edit so far: the target values' final NLL and ‖δ‖/‖z‖ (mean, max) and the
-    share of edits whose value optimisation ended above UNCONVERGED_NLL."""
+    """Over every edit so far: the target values' final NLL and ‖δ‖/‖z‖ (mean, max), the
+    share of edits whose value optimisation ended above UNCONVERGED_NLL and the mean
+    number of Adam steps an edit took."""
     if not records:
         return {}
     nll = torch.tensor([r["value_nll"] for r in records])
@@ -108,7 +109,9 @@ def convergence(records: list[dict]) -> dict[str, float]:
     return {"all_value_nll_mean": float(nll.mean()), "all_value_nll_max": float(nll.max()),
             "all_delta_ratio_mean": float(ratio.mean()),
             "all_delta_ratio_max": float(ratio.max()),
-            "unconverged_fraction": float((nll > UNCONVERGED_NLL).float().mean())}
+            "unconverged_fraction": float((nll > UNCONVERGED_NLL).float().mean()),
+            **({"all_value_steps_mean": sum(r["value_steps"] for r in records) / len(records)}
+               if all("value_steps" in r for r in records) else {})}
 
 
 def pick_device(name: str) -> str:

@@ -69,23 +69,25 @@ class TargetValues:
 
     `delta` [E, d] is the change at the edited projection's output; `stream_target` [E, d]
     the residual stream after block z_layer it makes (z, MEMIT's target); `stream_init`
-    [E, d] that stream before the edit; `nll` [E] the final target NLL (mean over prompts)
-    and `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used."""
+    [E, d] that stream before the edit; `nll` [E] the final target NLL (mean over prompts),
+    `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used, and
+    `steps` [E] the Adam steps the edit took before it stopped."""
 
     delta: torch.Tensor
     stream_target: torch.Tensor
     stream_init: torch.Tensor
     nll: torch.Tensor
     delta_ratio: torch.Tensor
+    steps: torch.Tensor
 
     @classmethod
     def empty(cls, n_edits: int, width: int, like: torch.Tensor) -> "TargetValues":
         new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
         return cls(new(n_edits, width), new(n_edits, width), new(n_edits, width),
-                   new(n_edits), new(n_edits))
+                   new(n_edits), new(n_edits), new(n_edits))
 
     def put(self, edits: torch.Tensor, part: "TargetValues") -> None:
-        for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio"):
+        for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio", "steps"):
             getattr(self, name)[edits] = getattr(part, name)
 
 
@@ -333,6 +335,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     opt = torch.optim.Adam([delta], lr=args.lr)
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
     final_nll = torch.zeros(n_edits, device=device)
+    steps = torch.zeros(n_edits, device=device)
     for step in range(args.steps + 1):     # the last pass only scores the last step
         loss, nll = loss_of(delta, active)
         final_nll[active] = nll.detach()[active].to(final_nll.dtype)
@@ -340,6 +343,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         active = active & ~(stop_value.detach() < args.early_stop)
         if not active.any() or step == args.steps:
             break
+        steps += active
         frozen = delta.detach().clone()
         opt.zero_grad()
         loss[active].sum().backward()
@@ -353,7 +357,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
                         stream_init=stream_init, nll=final_nll,
-                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1))
+                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps)
 
 
 def _concat(a: TokenBatch, b: TokenBatch, width: int) -> TokenBatch:

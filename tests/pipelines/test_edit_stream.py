@@ -37,12 +37,13 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     assert run.data.params["model"] == "tiny-llama" and run.data.params["editor.mu"] == str(mu)
     # every edit's target value is on record, and whether it converged is a metric
     assert len(saved["edit_records"]) == 6
-    assert all(r["value_nll"] >= 0 and r["delta_ratio"] > 0 for r in saved["edit_records"])
+    assert all(r["value_nll"] >= 0 and r["delta_ratio"] > 0 and 0 <= r["value_steps"] <= 4
+               for r in saved["edit_records"])
     # the anchor deviation of the edited layer grows from 0; every share has its SE
     assert 0 < saved["history"][0]["anchor_deviation.L1"] == saved["history"][0]["anchor_deviation"]
     assert 0 < saved["final"]["efficacy_se"] <= 0.5 / 6 ** 0.5 + 1e-9
     for key in ("all_value_nll_mean", "all_delta_ratio_max", "unconverged_fraction",
-                "anchor_deviation", "efficacy_se"):
+                "anchor_deviation", "efficacy_se", "all_value_steps_mean"):
         assert key in saved["final"]
         assert [m.step for m in mlflow.MlflowClient().get_metric_history(
             run.info.run_id, key)] == [4, 6]
