@@ -102,8 +102,9 @@ def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
             "delta_ratio_mean": float(ratio.mean()), "delta_ratio_max": float(ratio.max()),
             "value_steps_mean": float(target.steps.float().mean()),
             "edits": [{"case_id": r.case_id, "value_nll": float(n), "delta_ratio": float(q),
-                       "value_steps": int(s)}
-                      for r, n, q, s in zip(requests, nll, ratio, target.steps)]}
+                       "value_steps": int(s), "value_margin": float(m)}
+                      for r, n, q, s, m in zip(requests, nll, ratio, target.steps,
+                                               target.margin)]}
 
 
 def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args) -> dict:
@@ -115,7 +116,10 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
         rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
         rewrite, groups = rewrite.to(device), groups.to(device)
         kl = kl_batch(lm.tokenizer, requests).to(device)
-        target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args)
+        truth = None
+        if value_args.stop_on == "margin":   # the true answers, to see the margin
+            truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0].to(device)
+        target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args, truth)
     bare = prompt_batch(lm.tokenizer, requests).to(device)
     stats = value_stats(requests, target)
     z_now = target.stream_init

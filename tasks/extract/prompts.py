@@ -35,9 +35,10 @@ def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -
     return templates
 
 
-def rewrite_batch(tokenizer, requests: list[EditRequest],
-                  templates: list[str]) -> tuple[TokenBatch, torch.Tensor]:
-    """Every request's prompt under every template, followed by " target_new".
+def rewrite_batch(tokenizer, requests: list[EditRequest], templates: list[str],
+                  answer: str = "target_new") -> tuple[TokenBatch, torch.Tensor]:
+    """Every request's prompt under every template, followed by " target_new" (or by the
+    request's field `answer`, e.g. "ground_truth").
 
     Returns the batch (edit-major: row = edit * len(templates) + template) and the edit
     index of each row [B].
@@ -46,7 +47,7 @@ def rewrite_batch(tokenizer, requests: list[EditRequest],
     for e, req in enumerate(requests):
         for template in templates:
             prefix = template[: template.index("{}")]
-            texts.append(prefix + req.prompt + " " + req.target_new)
+            texts.append(prefix + req.prompt + " " + getattr(req, answer))
             subject_ends.append(len(prefix) + req.subject_end)
             target_starts.append(len(prefix) + len(req.prompt))
             groups.append(e)

@@ -45,15 +45,18 @@ class ValueArgs:
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖z‖; AlphaEdit Llama3: 0.75, EasyEdit Llama: 4
     early_stop: float = 5e-2      # an edit stops once its loss is under this (MEMIT: 5e-2)
     stop_on: str = "nll"          # nll: the target NLL alone; total: NLL + KL + decay (MEMIT),
-                                  # slower here (docs/benchmarks.md, "Fidelity sweep")
+                                  # slower here (docs/benchmarks.md, "Fidelity sweep");
+                                  # margin: target_new beats ground_truth by `margin` on
+                                  # every prompt (what efficacy scores), early_stop unused
+    margin: float = 2.0           # nats of mean-token log-probability, for stop_on: margin
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
 
     def __post_init__(self):
         if self.decay_form not in ("memit", "squared"):
             raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
-        if self.stop_on not in ("total", "nll"):
-            raise ValueError(f"values.stop_on must be total or nll, got {self.stop_on!r}")
+        if self.stop_on not in ("total", "nll", "margin"):
+            raise ValueError(f"values.stop_on must be total, nll or margin, got {self.stop_on!r}")
 
     def decay(self, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """Weight decay [E] of deltas [E, d] against the reference vectors ref [E, d]."""
@@ -70,8 +73,9 @@ class TargetValues:
     `delta` [E, d] is the change at the edited projection's output; `stream_target` [E, d]
     the residual stream after block z_layer it makes (z, MEMIT's target); `stream_init`
     [E, d] that stream before the edit; `nll` [E] the final target NLL (mean over prompts),
-    `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used, and
-    `steps` [E] the Adam steps the edit took before it stopped."""
+    `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used,
+    `steps` [E] the Adam steps the edit took before it stopped and `margin` [E] its final
+    smallest NLL(ground_truth) − NLL(target_new) over prompts (NaN without truth rows)."""
 
     delta: torch.Tensor
     stream_target: torch.Tensor
@@ -79,15 +83,17 @@ class TargetValues:
     nll: torch.Tensor
     delta_ratio: torch.Tensor
     steps: torch.Tensor
+    margin: torch.Tensor
 
     @classmethod
     def empty(cls, n_edits: int, width: int, like: torch.Tensor) -> "TargetValues":
         new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
         return cls(new(n_edits, width), new(n_edits, width), new(n_edits, width),
-                   new(n_edits), new(n_edits), new(n_edits))
+                   new(n_edits), new(n_edits), new(n_edits), new(n_edits))
 
     def put(self, edits: torch.Tensor, part: "TargetValues") -> None:
-        for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio", "steps"):
+        for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio", "steps",
+                     "margin"):
             getattr(self, name)[edits] = getattr(part, name)
 
 
@@ -227,12 +233,14 @@ class LayerReplay:
 
 
 def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
-                          kl: TokenBatch, args: ValueArgs) -> TargetValues:
+                          kl: TokenBatch, args: ValueArgs,
+                          truth: TokenBatch | None = None) -> TargetValues:
     """Optimise one delta per edit at block `z_layer`'s edited projection.
 
     `rewrite` rows are prefixed prompts + target (edit of row b: `rewrite_groups[b]`, rows of
     one edit contiguous, the first row of each edit the bare prompt); `kl` has one
-    "{subject} is a" row per edit. Returns `TargetValues` over the E edits.
+    "{subject} is a" row per edit; `truth` (needed by `stop_on: margin`) the rewrite rows
+    with ground_truth as the answer, row for row. Returns `TargetValues` over the E edits.
 
     Edits do not interact (own delta, own loss, element-wise Adam), so they are optimised
     in buckets of similar suffix length: a batch is only as wide as its longest suffix.
@@ -242,12 +250,17 @@ def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups:
     suffix_len.scatter_reduce_(0, rewrite_groups, rewrite.last - rewrite.lookup + 1, "amax")
     like = torch.empty(0, device=kl.input_ids.device, dtype=lm.model.dtype)
     result = TargetValues.empty(n_edits, lm.model.config.hidden_size, like)
+    if args.stop_on == "margin" and truth is None:
+        raise ValueError("values.stop_on: margin needs the ground-truth rows (truth)")
+    if truth is not None:   # a suffix holds the answer: the longer of the two counts
+        suffix_len.scatter_reduce_(0, rewrite_groups, truth.last - truth.lookup + 1, "amax")
     for bucket in length_buckets(suffix_len.tolist(), rows_per_edit=len(rewrite_groups) // n_edits):
         edits = torch.tensor(bucket, device=rewrite_groups.device)
         rows = torch.nonzero(torch.isin(rewrite_groups, edits)).squeeze(1)
         local = torch.searchsorted(edits, rewrite_groups[rows])   # edit ids -> 0..len(bucket)-1
         result.put(edits, _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
-                                           kl.select(edits), args))
+                                           kl.select(edits), args,
+                                           None if truth is None else truth.select(rows)))
     return result
 
 
@@ -273,12 +286,13 @@ def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8
 
 class _DeltaLoss:
     """The per-edit loss of a bucket's deltas: target NLL over an edit's prompts, KL at its
-    "{subject} is a" row, weight decay. Rows of the replay: rewrite rows then KL rows."""
+    "{subject} is a" row, weight decay. Rows of the replay: rewrite rows, KL rows, then
+    (when given) the truth rows, which only score the margin."""
 
     def __init__(self, replay: LayerReplay, groups: torch.Tensor, is_kl: torch.Tensor,
-                 n_edits: int, ref: torch.Tensor, args: ValueArgs):
+                 is_truth: torch.Tensor, n_edits: int, ref: torch.Tensor, args: ValueArgs):
         self.replay, self.groups, self.is_kl, self.n_edits = replay, groups, is_kl, n_edits
-        self.ref, self.args = ref, args
+        self.is_truth, self.ref, self.args = is_truth, ref, args
         self.rows = torch.arange(len(groups), device=groups.device)
         suffix = replay.suffix
         with torch.no_grad():
@@ -287,10 +301,14 @@ class _DeltaLoss:
                 replay.logits(replay.stream, kl_rows, suffix.last[kl_rows]), -1)
 
     def __call__(self, delta: torch.Tensor, active: torch.Tensor):
-        """(loss [E], target NLL [E]) for deltas [E, d], computed on active edits' rows."""
+        """(loss [E], target NLL [E], margin [E] or None) for deltas [E, d], computed on
+        active edits' rows. The margin is the smallest, over an edit's prompts, of
+        NLL(ground_truth) − NLL(target_new) (mean-token, as efficacy compares them)."""
         suffix, groups = self.replay.suffix, self.groups
         keep_rows = self.rows[active[groups]]
         sub_groups, sub_kl = groups[keep_rows], self.is_kl[keep_rows]
+        sub_truth = self.is_truth[keep_rows]
+        sub_new = ~sub_kl & ~sub_truth
         stream = self.replay.shifted_stream(delta[sub_groups], keep_rows)
         labels = suffix.labels[keep_rows]
         t_rows, t_pos = torch.nonzero(labels != -100, as_tuple=True)
@@ -301,46 +319,62 @@ class _DeltaLoss:
         target_logp = F.log_softmax(logits[: len(t_rows)], -1)
         token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None])       # [M, 1]
         row_nll = group_mean(token_nll, t_rows, len(keep_rows))                  # [b, 1]
-        nll = group_mean(row_nll[~sub_kl], sub_groups[~sub_kl], self.n_edits).squeeze(1)  # [E]
+        nll = group_mean(row_nll[sub_new], sub_groups[sub_new], self.n_edits).squeeze(1)  # [E]
         kl_logp = F.log_softmax(logits[len(t_rows):], -1)
         kl_edits = sub_groups[k_rows]
         kl_div = torch.zeros(self.n_edits, device=groups.device, dtype=kl_logp.dtype).index_add(
             0, kl_edits, (kl_logp.exp() * (kl_logp - self.kl_init[kl_edits])).sum(-1))
         loss = nll + self.args.kl_factor * kl_div + self.args.decay(delta, self.ref)
-        return loss, nll
+        margin = None
+        if sub_truth.any():   # truth rows pair with the new-target rows in the same order
+            gap = (row_nll[sub_truth] - row_nll[sub_new]).squeeze(1).detach()
+            margin = torch.full((self.n_edits,), float("inf"), device=gap.device,
+                                dtype=gap.dtype).scatter_reduce(0, sub_groups[sub_new], gap,
+                                                                "amin")
+        return loss, nll, margin
 
 
 def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
-                     kl: TokenBatch, args: ValueArgs) -> TargetValues:
+                     kl: TokenBatch, args: ValueArgs,
+                     truth: TokenBatch | None = None) -> TargetValues:
     """compute_target_values on one bucket (same arguments and result).
 
     The clamp and the decay measure δ against the space it lives in: the residual stream
     (MEMIT's ‖z‖) where the projection adds to it directly, the projection's own output
     behind a post-MLP norm (whose scale the stream never sees)."""
     n_edits = kl.input_ids.shape[0]
-    # One replay over rewrite rows and KL rows together: pad both to one width.
-    joint = _concat(rewrite, kl, max(rewrite.input_ids.shape[1], kl.input_ids.shape[1]))
+    # One replay over rewrite, KL (and truth) rows together, padded to one width.
+    parts = [rewrite, kl] + ([truth] if truth is not None else [])
+    joint = _concat(parts, max(part.input_ids.shape[1] for part in parts))
     replay = LayerReplay(lm, z_layer, joint)
     device = joint.input_ids.device
-    groups = torch.cat([rewrite_groups.to(device), torch.arange(n_edits, device=device)])
-    is_kl = torch.arange(len(groups), device=device) >= rewrite.input_ids.shape[0]
+    kinds = torch.cat([torch.full((part.input_ids.shape[0],), kind, device=device)
+                       for kind, part in enumerate(parts)])                  # 0, 1, 2
+    groups = torch.cat([rewrite_groups.to(device), torch.arange(n_edits, device=device)]
+                       + ([rewrite_groups.to(device)] if truth is not None else []))
     first_row = torch.searchsorted(rewrite_groups.to(device).contiguous(),
                                    torch.arange(n_edits, device=device))
     stream_init = replay.stream[first_row, 0]                               # [E, d]
     ref = stream_init if replay.post_norm is None else replay.projection[first_row]
     max_norm = args.clamp_norm_factor * ref.norm(dim=1)                     # [E]
-    loss_of = _DeltaLoss(replay, groups, is_kl, n_edits, ref, args)
+    loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
 
     delta = torch.zeros_like(ref, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=args.lr)
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
     final_nll = torch.zeros(n_edits, device=device)
+    final_margin = torch.full((n_edits,), float("nan"), device=device)
     steps = torch.zeros(n_edits, device=device)
     for step in range(args.steps + 1):     # the last pass only scores the last step
-        loss, nll = loss_of(delta, active)
+        loss, nll, margin = loss_of(delta, active)
         final_nll[active] = nll.detach()[active].to(final_nll.dtype)
-        stop_value = loss if args.stop_on == "total" else nll
-        active = active & ~(stop_value.detach() < args.early_stop)
+        if margin is not None:
+            final_margin[active] = margin[active].to(final_margin.dtype)
+        if args.stop_on == "margin":
+            active = active & ~(margin >= args.margin)
+        else:
+            stop_value = loss if args.stop_on == "total" else nll
+            active = active & ~(stop_value.detach() < args.early_stop)
         if not active.any() or step == args.steps:
             break
         steps += active
@@ -357,17 +391,18 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
                         stream_init=stream_init, nll=final_nll,
-                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps)
+                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps,
+                        margin=final_margin)
 
 
-def _concat(a: TokenBatch, b: TokenBatch, width: int) -> TokenBatch:
-    def pad(x, value):
-        return F.pad(x, (0, width - x.shape[1]), value=value)
+def _concat(parts: list[TokenBatch], width: int) -> TokenBatch:
+    """The rows of `parts` in order, right-padded to `width` tokens."""
+    def padded(name, value):
+        return torch.cat([F.pad(getattr(p, name), (0, width - getattr(p, name).shape[1]),
+                                value=value) for p in parts])
 
-    return TokenBatch(
-        input_ids=torch.cat([pad(a.input_ids, 0), pad(b.input_ids, 0)]),
-        attention_mask=torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
-        lookup=torch.cat([a.lookup, b.lookup]),
-        labels=torch.cat([pad(a.labels, -100), pad(b.labels, -100)]),
-        last=torch.cat([a.last, b.last]),
-    )
+    return TokenBatch(input_ids=padded("input_ids", 0),
+                      attention_mask=padded("attention_mask", 0),
+                      lookup=torch.cat([p.lookup for p in parts]),
+                      labels=padded("labels", -100),
+                      last=torch.cat([p.last for p in parts]))

@@ -131,3 +131,33 @@ def test_every_editor_edits_only_its_layer_and_raises_the_target(name, overrides
     changed = {k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
     torch.testing.assert_close(lm.mlp_out(1).weight.T.double(), editor.weight(1).float().double())
+
+
+def test_margin_stop_ends_each_edit_once_it_wins_by_the_margin():
+    """stop_on: margin stops an edit as soon as target_new beats ground_truth by the margin
+    on every prompt: sooner than the NLL stop, and the written edit shows that margin."""
+    from tasks.extract.keys import KeyArgs
+    from tasks.models import load_model
+
+    lm = load_model("tiny-llama")  # a private copy: this test edits weights
+    reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
+    rewrite, groups = rewrite_batch(lm.tokenizer, reqs, TEMPLATES)
+    truth, _ = rewrite_batch(lm.tokenizer, reqs, TEMPLATES, "ground_truth")
+    kl = kl_batch(lm.tokenizer, reqs)
+    by_nll = compute_target_values(lm, 1, rewrite, groups, kl,
+                                   ValueArgs(steps=40, lr=1.0, early_stop=1e-3))
+    margin_args = ValueArgs(steps=40, lr=1.0, stop_on="margin", margin=0.5)
+    with pytest.raises(ValueError, match="truth"):
+        compute_target_values(lm, 1, rewrite, groups, kl, margin_args)
+    by_margin = compute_target_values(lm, 1, rewrite, groups, kl, margin_args, truth)
+    assert (by_margin.steps < 40).all() and (by_margin.steps < by_nll.steps).all()
+    assert (by_margin.margin >= 0.5).all() and by_nll.margin.isnan().all()
+    assert (by_margin.delta.norm(dim=1) < by_nll.delta.norm(dim=1)).all()
+    # written exactly (one key row per prompt, a near-free solve), the margin is in the model
+    editor = RLSEditor({1: layer_weight(lm, 1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 20)),
+                       RLSArgs(lam=1e-6, mu=0.0))
+    stats = apply_edit_batch(lm, editor, reqs, TEMPLATES, (1,), margin_args, KeyArgs(mode="rows"))
+    assert all(r["value_margin"] >= 0.5 for r in stats["edits"])
+    nll, _ = continuation_scores(lm, [(r.prompt, t) for r in reqs
+                                      for t in (r.target_new, r.ground_truth)])
+    assert ((nll[1::2] - nll[0::2]) > 0.5 - 1e-2).all(), nll
