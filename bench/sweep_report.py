@@ -7,7 +7,8 @@ Reads every cell's `summary.json` under `<grid-dir>/cells/`, prints one row per 
 the final edit metrics ± their standard error (each is a share of edits over the n scored,
 so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity (the grid's token perplexity and lm-eval's word perplexity), the
 capability scores, fluency,
-the share of edits whose target value did not converge, and edits/s. The plot puts each
+the anchor deviation tr(ΔWᵀC̄0ΔW)/tr(W0ᵀC̄0W0) (from the edited layers when a cell
+predates its logging), the share of edits whose target value did not converge, and edits/s. The plot puts each
 cell at (held-out perplexity, efficacy), one line per editor kind through its settings.
 """
 
@@ -27,14 +28,35 @@ CAP = ("cap.rlsedit_agnews_ppl.word_perplexity", "cap.rlsedit_sst2.acc", "cap.rl
 
 
 def read_cells(grid_dirs: list[str]) -> dict[str, dict]:
-    """{cell name: summary} over every finished cell of the grids, in name order."""
+    """{cell name: summary} over every finished cell of the grids, in name order; a cell
+    finished before the anchor deviation was logged gets it from its edited layers."""
     cells = {}
     for grid_dir in grid_dirs:
         for path in sorted(Path(grid_dir).glob("cells/*/summary.json")):
-            cells[path.parent.name] = json.loads(path.read_text())
+            summary = json.loads(path.read_text())
+            if "anchor_deviation" not in summary["final"]:
+                summary["final"]["anchor_deviation"] = final_deviation(summary, path.parent)
+            cells[path.parent.name] = summary
     if not cells:
         raise SystemExit(f"no finished cell (cells/*/summary.json) under {grid_dirs}")
     return cells
+
+
+def final_deviation(summary: dict, cell_dir: Path) -> float:
+    """Mean over edit layers of `AnchorStats.deviation` of the cell's final weights."""
+    from safetensors.torch import load_file
+
+    from tasks.anchor import AnchorArgs, cached_anchor_stats
+    from tasks.config import from_dict
+    from tasks.models import load_model
+
+    lm = load_model(summary["config"]["model"])
+    layers = summary["edit_layers"]
+    anchor = cached_anchor_stats(lm, layers, from_dict(AnchorArgs, summary["config"]["anchor"]),
+                                 progress=False)
+    edited = load_file(str(cell_dir / "edited_layers.safetensors"))
+    return sum(anchor[l].deviation(edited[lm.spec.mlp_out_name(l) + ".weight"].T,
+                                   lm.mlp_out(l).weight.detach().T) for l in layers) / len(layers)
 
 
 def with_se(p: float | None, n: int, se: float | None = None) -> str:
@@ -68,13 +90,14 @@ def table(cells: dict[str, dict]) -> str:
     header = ["cell", "efficacy", "generalization", "specificity", "neighbourhood specificity",
               f"first-{k} efficacy",
               "held-out token ppl", "held-out word ppl (lm-eval)", "SST-2 acc", "AG News acc",
-              "fluency", "unconverged values",
+              "fluency", "anchor deviation", "unconverged values",
               "mean ‖δ‖/‖z‖", "edits/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| " + " | ".join(row("unedited", first, first["unedited"]) + [""] * 3) + " |")
+    lines.append("| " + " | ".join(row("unedited", first, first["unedited"]) + [""] * 4) + " |")
     for name, s in cells.items():
         final = s["final"]
-        extra = [f"{final.get('unconverged_fraction', float('nan')):.3f}",
+        extra = [f"{final['anchor_deviation']:.3f}",
+                 f"{final.get('unconverged_fraction', float('nan')):.3f}",
                  f"{final.get('all_delta_ratio_mean', float('nan')):.2f}",
                  f"{s['edits_per_second']:.3f}"]
         lines.append("| " + " | ".join(row(name, s, final) + extra) + " |")
