@@ -222,7 +222,7 @@ class EditStream:
             anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
         self.anchor = anchor
         self.W0 = {l: layer_weight(self.lm, l) for l in self.layers}   # before any restore
-        self.editor = build_editor(cfg.editor, self.W0, anchor, cfg.editor_args)
+        self.editor = build_editor(cfg.editor, self.W0, anchor, self._editor_overrides())
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = cfg.out_dir / "checkpoint.pt"
         self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
@@ -236,6 +236,13 @@ class EditStream:
                 self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed)
         self.last_step_stats: dict[str, float] = {}
         self._last_checkpoint = time.monotonic()
+
+    def _editor_overrides(self) -> dict:
+        """The config's editor_args, plus the batches planned when a deviation budget asks."""
+        if self.editor_settings.get("deviation_budget") is None:
+            return self.cfg.editor_args
+        batches = -(-self.cfg.num_edits // self.cfg.batch_size)
+        return {**self.cfg.editor_args, "planned_batches": batches}
 
     def _restore(self) -> None:
         saved = torch.load(self.ckpt_path, weights_only=False)
@@ -309,7 +316,8 @@ class EditStream:
         """Add speed and the last step's stats to `metrics` and keep them in the history."""
         metrics = {**metrics, "edits_per_second": self.position / self.state["edit_seconds"],
                    **self.last_step_stats, **convergence(self.state.get("edit_records", [])),
-                   **self.anchor_deviation()}
+                   **self.anchor_deviation(),
+                   **getattr(self.editor, "logged_settings", dict)()}
         self.state["history"].append({"edits": self.position, **metrics})
         return metrics
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.editors.base import check_batch, check_finite
+from tasks.editors.budget import BudgetChoice, DeviationPredictor, anchor_weight_for_budget
 
 RESYMMETRIZE_EVERY = 256   # updates between (P + Pᵀ)/2; on CPU P − XᵀX stays exactly symmetric
 
@@ -121,28 +122,78 @@ class RLSArgs:
     lam: float
     mu: float
     dtype: str = "float64"  # state precision; float32 drifts over long streams
+    deviation_budget: float | None = None  # when set, μ is chosen per layer at the first
+                                           # batch so that the predicted anchor deviation
+                                           # after `planned_batches` stays within it
+    planned_batches: int | None = None     # set by the stream: batches in the run
 
 
 class RLSEditor:
-    """RLSEdit over several layers: one `RLSLayerState` per edited layer."""
+    """RLSEdit over several layers: one `RLSLayerState` per edited layer.
+
+    With `deviation_budget`, a layer's state starts at its first batch, with the μ that
+    `anchor_weight_for_budget` picks from that batch (`budget_choices`); until then the
+    layer's weight is W0."""
 
     needs = "keys_values"
 
     def __init__(self, weights: dict[int, torch.Tensor], anchors: dict, args: RLSArgs):
         """`weights[l]` is W0 [d_k, d_v] of layer l, `anchors[l]` its AnchorStats."""
-        dtype = getattr(torch, args.dtype)
+        self.dtype = getattr(torch, args.dtype)
         self.args = args
-        self.states = {layer: RLSLayerState.init(W0, anchors[layer].mean_cov, args.lam, args.mu, dtype)
-                       for layer, W0 in weights.items()}
+        self.anchors = anchors
+        self.budget_choices: dict[int, BudgetChoice] = {}
+        self.pending = {}   # layer: W0, while the budget's μ is not chosen yet
+        self.states = {}
+        for layer, W0 in weights.items():
+            if args.deviation_budget is None:
+                self.states[layer] = self._start(layer, W0, args.mu)
+            else:
+                self.pending[layer] = W0.detach().to(self.dtype).clone()
+        if args.deviation_budget is not None and not args.planned_batches:
+            raise ValueError("editor_args.deviation_budget needs planned_batches (the stream "
+                             "sets it from num_edits and batch_size)")
+
+    def _start(self, layer: int, W0: torch.Tensor, mu: float) -> RLSLayerState:
+        return RLSLayerState.init(W0, self.anchors[layer].mean_cov, self.args.lam, mu, self.dtype)
 
     def weight(self, layer: int) -> torch.Tensor:
-        return self.states[layer].W
+        return self.pending[layer] if layer in self.pending else self.states[layer].W
 
     def update(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        if layer in self.pending:
+            self._choose_mu(layer, K, V)
         return self.states[layer].update(K, V)
 
+    def _choose_mu(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> None:
+        W0 = self.pending[layer]
+        check_batch(K, V, *W0.shape)
+        predictor = DeviationPredictor(self.anchors[layer].mean_cov, W0, K, V.to(W0) - K.to(W0) @ W0,
+                                       self.args.lam)
+        choice = anchor_weight_for_budget(predictor, self.args.deviation_budget,
+                                          self.args.planned_batches)
+        self.states[layer] = self._start(layer, W0, choice.mu)
+        self.budget_choices[layer] = choice
+        del self.pending[layer]
+
+    def logged_settings(self) -> dict[str, float]:
+        """`budget_mu.L<layer>` and `budget_predicted_deviation.L<layer>` once chosen."""
+        out = {}
+        for layer, choice in self.budget_choices.items():
+            out[f"budget_mu.L{layer}"] = choice.mu
+            out[f"budget_predicted_deviation.L{layer}"] = choice.predicted_deviation
+        return out
+
     def state_dict(self) -> dict:
-        return {layer: state.state_dict() for layer, state in self.states.items()}
+        return {"states": {layer: state.state_dict() for layer, state in self.states.items()},
+                "pending": self.pending,
+                "budget_choices": {layer: vars(c) for layer, c in self.budget_choices.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.states = {int(layer): RLSLayerState.from_state_dict(s) for layer, s in state.items()}
+        if "states" not in state:   # a checkpoint from before the budget: {layer: state}
+            state = {"states": state, "pending": {}, "budget_choices": {}}
+        self.states = {int(layer): RLSLayerState.from_state_dict(s)
+                       for layer, s in state["states"].items()}
+        self.pending = {int(layer): W.clone() for layer, W in state["pending"].items()}
+        self.budget_choices = {int(layer): BudgetChoice(**c)
+                               for layer, c in state["budget_choices"].items()}

@@ -124,3 +124,42 @@ def test_finiteness_check_catches_inf_of_both_signs_and_passes_overflowing_sums(
     with pytest.raises(ValueError, match="x holds 2 NaN/Inf values"):
         check_finite("x", values)
     check_finite("y", torch.full((4,), 1e308, dtype=torch.float64))   # finite, sum overflows
+
+
+def test_deviation_budget_picks_the_anchor_weight_its_prediction_needs():
+    """The predictor's first-batch change equals a real RLS update's; the chosen μ meets
+    the budget with the least anchor; a tighter budget needs a larger μ; the editor starts
+    each layer at its first batch with that μ and checkpoints the choice."""
+    from tasks.anchor import AnchorStats
+    from tasks.editors.budget import DeviationPredictor, anchor_weight_for_budget
+    from tasks.editors.rls import RLSArgs, RLSEditor, RLSLayerState
+
+    g = torch.Generator().manual_seed(0)
+    keys0 = torch.randn(500, 12, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, 12)
+    anchor = AnchorStats(keys0.T @ keys0, 500)
+    W0 = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    K = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    R = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    predictor = DeviationPredictor(anchor.mean_cov, W0, K, R, lam=0.5)
+    state = RLSLayerState.init(W0, anchor.mean_cov, 0.5, 7.0)
+    state.update(K, K @ W0 + R)
+    assert abs(predictor.first_batch(7.0) - anchor.deviation(state.W, W0)) < 1e-9
+    loose = anchor_weight_for_budget(predictor, 0.5, batches=20)
+    tight = anchor_weight_for_budget(predictor, 0.05, batches=20)
+    assert tight.mu > loose.mu
+    for choice, budget in ((loose, 0.5), (tight, 0.05)):
+        assert choice.predicted_deviation <= budget
+        assert predictor.after(20, choice.mu * 0.99) > budget      # no smaller μ would do
+
+    editor = RLSEditor({3: W0}, {3: anchor}, RLSArgs(lam=0.5, mu=1.0, deviation_budget=0.05,
+                                                     planned_batches=20))
+    assert torch.equal(editor.weight(3), W0) and editor.logged_settings() == {}
+    editor.update(3, K, K @ W0 + R)
+    assert abs(editor.logged_settings()["budget_mu.L3"] - tight.mu) < 1e-6 * tight.mu
+    copy = RLSEditor({3: W0}, {3: anchor}, RLSArgs(lam=0.5, mu=1.0, deviation_budget=0.05,
+                                                   planned_batches=20))
+    copy.load_state_dict(editor.state_dict())
+    assert copy.logged_settings() == editor.logged_settings()
+    assert torch.equal(copy.weight(3), editor.weight(3))
+    with pytest.raises(ValueError, match="planned_batches"):
+        RLSEditor({3: W0}, {3: anchor}, RLSArgs(lam=0.5, mu=1.0, deviation_budget=0.05))
