@@ -11,7 +11,8 @@ checkpoints at each evaluation and every `checkpoint_minutes` (or `checkpoint_ev
 edits; re-running the same command after a crash resumes there, with the same final
 weights), and writes a JSON
 summary: final metrics, retention, the unedited model's scores on the same prompts,
-fluency, edits per second and the config.
+fluency, edits per second and the config. One driver at a time per output folder; a
+resumed stream logs into the tracking store its run lives in (`pipelines/driver.py`).
 """
 
 from __future__ import annotations
@@ -24,24 +25,34 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipelines.driver import check_store, one_line_errors, open_tracking, tracking_store
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
+from tasks.lock import folder_lock
 from tasks.stream import EditStream, StreamConfig, stream_fluency
 
 log = logging.getLogger("rlsedit.stream")
 
 
 def run_stream(cfg: StreamConfig) -> dict:
+    """Run (or resume) the stream; a second driver on the same output folder is refused."""
+    with folder_lock(cfg.out_dir):
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: StreamConfig) -> dict:
     import mlflow
     from safetensors.torch import save_file
 
     stream = EditStream(cfg)
+    check_store(stream.state, stream.state["run_id"], cfg.out_dir)
     baseline = stream.baseline()
     stream.checkpoint()
 
-    mlflow.set_experiment(cfg.experiment)
+    open_tracking(cfg.experiment)
     with mlflow.start_run(run_id=stream.state["run_id"], run_name=cfg.name) as run:
         if stream.state["run_id"] is None:
             stream.state["run_id"] = run.info.run_id
+            stream.state["tracking_store"] = tracking_store()
             mlflow.log_params(flatten(to_dict(cfg)))
             mlflow.log_params(flatten(stream.editor_settings, "editor."))
             mlflow.log_param("edit_layers", list(stream.layers))
@@ -115,8 +126,8 @@ def parse_args(argv=None) -> StreamConfig:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv)
-    summary = run_stream(cfg)
+    with one_line_errors():
+        summary = run_stream(parse_args(argv))
     final, base = summary["final"], summary["unedited"]
     print(f"\n{'metric':28s} {'unedited':>9s} {'edited':>9s}")
     for key in final:

@@ -16,7 +16,8 @@ the job; an evaluator that dies is restarted and its call retried. Re-running th
 command after the driver died resumes: finished cells are read back, half-finished ones
 continue from their checkpoint, and evaluation points whose scores were lost are scored
 from the snapshots the editor wrote before each checkpoint. The final weights equal those
-of an uninterrupted run (tests/pipelines/test_resume.py).
+of an uninterrupted run (tests/pipelines/test_resume.py). One driver at a time per output
+folder; a re-run must use the tracking store the grid's runs live in (`pipelines/driver.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.driver import check_store, join_ray, one_line_errors, open_tracking, tracking_store
 from pipelines.report import comparison_table, write_reports
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
@@ -35,6 +37,7 @@ from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import workdir_path, write_atomically
+from tasks.lock import folder_lock
 from tasks.models import resolve_spec
 from tasks.neighbours import NeighbourArgs
 from tasks.stream import StreamConfig, snapshot_path
@@ -199,16 +202,15 @@ class GridLogger:
     """The grid's MLflow runs: a parent, and a child per cell created on first use."""
 
     def __init__(self, cfg: GridConfig, state: dict):
-        import mlflow
         from mlflow import MlflowClient
 
-        self.client = MlflowClient()
         self.state = state
-        experiment = mlflow.set_experiment(cfg.experiment)
-        self.experiment_id = experiment.experiment_id
+        self.experiment_id = open_tracking(cfg.experiment).experiment_id
+        self.client = MlflowClient()
         if state.get("parent") is None:
             run = self.client.create_run(self.experiment_id, run_name=cfg.name)
             state["parent"] = run.info.run_id
+            state["tracking_store"] = tracking_store()
             for key, value in flatten(to_dict(cfg)).items():
                 self.client.log_param(state["parent"], key, str(value)[:6000])
             self.client.log_dict(state["parent"], to_dict(cfg), "grid_config.json")
@@ -232,18 +234,24 @@ class GridLogger:
 
 
 def run_grid(cfg: GridConfig) -> dict:
+    """Run (or resume) the grid; a second driver on the same output folder is refused."""
+    cells = grid_cells(cfg)   # every name and setting checked before anything starts
+    with folder_lock(cfg.out_dir):
+        return _run_locked(cfg, cells)
+
+
+def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
     import ray
 
     from tasks.actors import EditorActor, Evaluator
     from tasks.anchor_ray import ray_anchor_stats
 
-    cells = grid_cells(cfg)   # every name and setting checked before anything starts
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "grid_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    check_store(state, state.get("parent"), out)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+        join_ray(cfg.ray_address)
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) >= 1
     res = cfg.resources
@@ -456,7 +464,8 @@ def main(argv=None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tic = time.perf_counter()
-    result = run_grid(parse_args(argv))
+    with one_line_errors():
+        result = run_grid(parse_args(argv))
     print(f"\n{result['table']}\n")
     print(f"grid {result['grid']} done in {time.perf_counter() - tic:.0f} s; "
           f"MLflow parent run {result['parent_run_id']}")

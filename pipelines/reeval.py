@@ -12,12 +12,15 @@ for the tasks the run has no score of at N. The unedited references go to step 0
 (`unedited_reeval.first<k>.*`, `unedited_cap.*`). Nothing logged before is changed: what
 is there is skipped, so a second call adds nothing and an interrupted call resumes where
 it stopped. Scores on Ray (evaluator actors per model, results logged as they land) or,
-with `--no-ray`, in this process. Scheduling it: cluster/README.md.
+with `--no-ray`, in this process. One re-evaluation at a time per tracking store (a second
+is refused, naming the first), so a scheduler needs no lock of its own. Scheduling it:
+cluster/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -26,10 +29,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.driver import join_ray, one_line_errors, open_tracking, tracking_store
 from pipelines.grid import log_metrics
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import from_dict, load_yaml, set_override, to_dict
 from tasks.files import workdir_path
+from tasks.lock import lock_file
+from tasks.models import cache_root
 
 log = logging.getLogger("rlsedit.reeval")
 
@@ -137,7 +143,7 @@ class Evaluators:
             import ray
 
             if not ray.is_initialized():
-                ray.init(address=cfg.ray_address, log_to_driver=False)
+                join_ray(cfg.ray_address)
             self.ray = ray
             actor = ray.remote(Evaluator).options(num_cpus=cfg.evaluator_cpus)
             self.pool = {m: [actor.remote(m) for _ in range(cfg.evaluators_per_model)]
@@ -192,10 +198,23 @@ def log_references(client, evaluators: Evaluators, job: Job, cfg: ReevalConfig) 
     log_metrics(client, job.run_id, metrics, 0)
 
 
+def lock_path(store: str) -> Path:
+    """The lock that keeps re-evaluations of tracking store `store` one at a time."""
+    return cache_root() / "locks" / f"reeval-{hashlib.sha1(store.encode()).hexdigest()[:12]}.lock"
+
+
 def run_reeval(cfg: ReevalConfig, max_in_flight: int = 4) -> dict:
-    """Score and log every missing (run, snapshot); returns {"scored": [...]}."""
+    """Score and log every missing (run, snapshot); returns {"scored": [...]}. A second
+    re-evaluation of the same tracking store while this one runs is refused."""
+    store = tracking_store()
+    with lock_file(lock_path(store), f"re-evaluation of {store}"):
+        return _run_locked(cfg, max_in_flight)
+
+
+def _run_locked(cfg: ReevalConfig, max_in_flight: int) -> dict:
     from mlflow import MlflowClient
 
+    open_tracking()
     client = MlflowClient()
     tasks = resolve_suite(cfg.capability)[0] if cfg.capability.enabled else []
     jobs = plan(client, cfg, tasks)
@@ -260,7 +279,8 @@ def parse_args(argv=None) -> ReevalConfig:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tic = time.perf_counter()
-    result = run_reeval(parse_args(argv))
+    with one_line_errors():
+        result = run_reeval(parse_args(argv))
     print(f"re-evaluated {len(result['scored'])} snapshot(s) in "
           f"{time.perf_counter() - tic:.0f} s")
 

@@ -102,9 +102,11 @@ def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
             "delta_ratio_mean": float(ratio.mean()), "delta_ratio_max": float(ratio.max()),
             "value_steps_mean": float(target.steps.float().mean()),
             "edits": [{"case_id": r.case_id, "value_nll": float(n), "delta_ratio": float(q),
-                       "value_steps": int(s), "value_margin": float(m)}
-                      for r, n, q, s, m in zip(requests, nll, ratio, target.steps,
-                                               target.margin)]}
+                       "value_steps": int(s), "value_converged": bool(c),
+                       # the margin only where it was scored (NaN ≠ NaN in a summary)
+                       **({"value_margin": float(m)} if m == m else {})}
+                      for r, n, q, s, m, c in zip(requests, nll, ratio, target.steps,
+                                                  target.margin, target.converged)]}
 
 
 def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args) -> dict:

@@ -75,7 +75,8 @@ class TargetValues:
     [E, d] that stream before the edit; `nll` [E] the final target NLL (mean over prompts),
     `delta_ratio` [E] ‖δ‖ / ‖reference‖, the fraction of the clamp's reference used,
     `steps` [E] the Adam steps the edit took before it stopped and `margin` [E] its final
-    smallest NLL(ground_truth) − NLL(target_new) over prompts (NaN without truth rows)."""
+    smallest NLL(ground_truth) − NLL(target_new) over prompts (NaN without truth rows);
+    `converged` [E] is 1 where the stop rule ended the edit, 0 where the steps ran out."""
 
     delta: torch.Tensor
     stream_target: torch.Tensor
@@ -84,16 +85,17 @@ class TargetValues:
     delta_ratio: torch.Tensor
     steps: torch.Tensor
     margin: torch.Tensor
+    converged: torch.Tensor
 
     @classmethod
     def empty(cls, n_edits: int, width: int, like: torch.Tensor) -> "TargetValues":
         new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
         return cls(new(n_edits, width), new(n_edits, width), new(n_edits, width),
-                   new(n_edits), new(n_edits), new(n_edits), new(n_edits))
+                   new(n_edits), new(n_edits), new(n_edits), new(n_edits), new(n_edits))
 
     def put(self, edits: torch.Tensor, part: "TargetValues") -> None:
         for name in ("delta", "stream_target", "stream_init", "nll", "delta_ratio", "steps",
-                     "margin"):
+                     "margin", "converged"):
             getattr(self, name)[edits] = getattr(part, name)
 
 
@@ -392,7 +394,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
                         stream_init=stream_init, nll=final_nll,
                         delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps,
-                        margin=final_margin)
+                        margin=final_margin, converged=(~active).to(steps.dtype))
 
 
 def _concat(parts: list[TokenBatch], width: int) -> TokenBatch:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import mlflow
 import pytest
@@ -65,7 +66,9 @@ def test_stream_edits_logs_to_mlflow_and_writes_a_summary(tmp_path, isolated_sto
     assert edited.shape == original.shape and not torch.equal(edited, original)
 
 
-def test_rerun_resumes_from_the_checkpoint(tmp_path):
+def test_rerun_resumes_from_the_checkpoint_in_its_own_tracking_store(tmp_path, monkeypatch):
+    from pipelines.driver import UserError, tracking_store
+
     args = tiny_args(tmp_path)
     first = run_stream(parse_args(args))
     again = run_stream(parse_args(args))  # finished run: nothing is edited twice
@@ -73,6 +76,14 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path):
     assert again["history"] == first["history"]
     with pytest.raises(RuntimeError, match="different config"):
         run_stream(parse_args(args + ["--set", "editor_args.mu=0.5"]))
+
+    store, other = tracking_store(), tmp_path / "other" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")   # a move to a new store
+    with pytest.raises(UserError, match=re.escape(
+            f"{tmp_path / 'run'} holds MLflow runs of the tracking store {store}, not of "
+            f"sqlite:///{other}: set MLFLOW_TRACKING_URI={store} to go on there")):
+        run_stream(parse_args(args))
+    assert not other.exists(), "nothing is logged to the other store"
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -119,3 +130,16 @@ def test_numbers_are_coerced_and_non_numbers_refused(tmp_path):
         resolve_editor("ft", {"norm_bound": "big"})
     with pytest.raises(ConfigError, match=r"num_edits must be int, got 2.5"):
         parse_args(tiny_args(tmp_path, "--set", "num_edits=2.5"))
+
+
+def test_a_deviation_budget_sets_mu_and_is_logged(tmp_path, isolated_stores):
+    """RLSEdit with a budget picks μ at the first batch for the 3 planned batches and logs
+    it with its prediction; the deviation it then measures is on record beside it."""
+    cfg = parse_args(tiny_args(tmp_path, "--set", "editor_args.deviation_budget=0.01",
+                               "--set", "fluency_samples=0"))
+    saved = run_stream(cfg)
+    final = saved["final"]
+    assert final["budget_mu.L1"] > 0
+    assert 0 < final["budget_predicted_deviation.L1"] <= 0.01
+    assert final["anchor_deviation.L1"] > 0
+    assert saved["history"][0]["budget_mu.L1"] == final["budget_mu.L1"]

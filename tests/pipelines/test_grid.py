@@ -2,6 +2,8 @@
 through the real actors and tasks into a real MLflow store, resume, and `ray job submit`."""
 
 import json
+import re
+
 import mlflow
 import pytest
 import torch
@@ -45,7 +47,7 @@ def test_sharded_anchor_statistics_equal_the_single_process_ones(local_ray, tmp_
     assert len(cached) == 2, "the sum is cached for the next grid"
 
 
-def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
+def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, monkeypatch):
     cfg = parse_args(smoke_args(tmp_path, "--output-json", str(tmp_path / "grid.json")))
     result = run_grid(cfg)
     client = mlflow.MlflowClient()
@@ -111,6 +113,25 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id,
                                                           "retention_efficacy")] == [4, 6]
     assert run_reeval(reeval_args(argv))["scored"] == []
+
+    # a re-run against another tracking store (a move to a server) is refused in one line
+    from pipelines.driver import UserError, tracking_store
+
+    store, other = tracking_store(), tmp_path / "other" / "mlflow.db"
+    assert json.loads((tmp_path / "grid" / "grid_state.json").read_text())[
+        "tracking_store"] == store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    with pytest.raises(UserError, match=re.escape(
+            f"{tmp_path / 'grid'} holds MLflow runs of the tracking store {store}, not of "
+            f"sqlite:///{other}: set MLFLOW_TRACKING_URI={store} to go on there")):
+        run_grid(parse_args(smoke_args(tmp_path)))
+    assert not other.exists(), "nothing is logged to the other store"
+
+
+def test_a_live_cluster_answers_the_drivers_probe(local_ray):
+    from pipelines.driver import no_answer
+
+    assert no_answer(local_ray.get_runtime_context().gcs_address, timeout_s=5) is None
 
 
 def test_grid_config_errors_name_the_problem(tmp_path):
