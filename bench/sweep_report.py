@@ -105,7 +105,8 @@ def table(cells: dict[str, dict]) -> str:
 
 
 def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
-    """Efficacy against held-out perplexity, one line per editor kind over its setting."""
+    """Efficacy against held-out perplexity, one line per editor kind through its settings
+    in order of perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +120,7 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
         kinds.setdefault(kind, []).append((setting or 0.0, s["final"].get("perplexity"),
                                            s["final"]["efficacy"], name))
     for kind, points in sorted(kinds.items()):
-        points = sorted(p for p in points if p[1] is not None)
+        points = sorted((p for p in points if p[1] is not None), key=lambda p: p[1])
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=kind)
         for _, ppl, eff, name in points:
             ax.annotate(name.split("-", 2)[-1].removesuffix("-s0"), (ppl, eff), fontsize=7)
