@@ -203,12 +203,9 @@ def build_tiny_tokenizer():
 
 def _seeded(build, seed: int):
     """`build()` under torch seed `seed`, leaving the caller's random state as it was."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         return build()
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 def build_tiny_llama(seed: int = 0):

@@ -19,9 +19,8 @@ def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -
     templates = ["{}"]
     if n_prefixes == 0:
         return templates
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):   # the caller's random state is left as it was
+        torch.manual_seed(seed)
         for i in range(n_prefixes):
             opener = PREFIX_OPENERS[i % len(PREFIX_OPENERS)]
             enc = tok(opener, return_tensors="pt").to(lm.model.device)
@@ -30,8 +29,6 @@ def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -
             text = tok.decode(out[0], skip_special_tokens=True)
             text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
             templates.append(text + ". {}")
-    finally:
-        torch.random.set_rng_state(generator_state)
     return templates
 
 
