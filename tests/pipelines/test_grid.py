@@ -26,6 +26,7 @@ def smoke_args(tmp_path, *extra):
     """The smoke grid with absolute data paths (a Ray job runs in a copy of the tree)."""
     return ["--config", str(SMOKE), "--set", f"output_dir={tmp_path / 'grid'}",
             "--set", f"stream.data={EDIT_DATA}", "--set", f"stream.anchor.corpus={CORPUS}",
+            "--set", f"stream.neighbours.pool={EDIT_DATA}",
             "--set", f"heldout.corpus={CORPUS}", "--set", f"capability.data_dir={DATA}", *extra]
 
 
