@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.docs import append_section, command_line
+from pipelines.driver import open_tracking
 from pipelines.report import comparison_table, curves_table, plot_curves, write_reports
 from tasks.editors import editor_registry
 
@@ -58,7 +59,7 @@ def run_editor(opts, editor: str, threads: int) -> tuple[str, int]:
 def log_to_mlflow(opts, summaries: dict, table: str, files: list[Path]) -> str:
     import mlflow
 
-    mlflow.set_experiment(opts.experiment)
+    open_tracking(opts.experiment)
     with mlflow.start_run(run_name=f"compare-{opts.model}-n{opts.num_edits}") as run:
         mlflow.log_params({"model": opts.model, "num_edits": opts.num_edits,
                            "batch_size": opts.batch_size, "editors": ",".join(summaries),
@@ -95,8 +96,7 @@ def main(argv=None):
     opts.out_dir = opts.out_dir or f"runs/compare-{opts.model}-n{opts.num_edits}"
     threads = max(1, (os.cpu_count() or 1) // opts.workers)
 
-    import mlflow
-    mlflow.set_experiment(opts.experiment)  # create the store once, before streams race to
+    open_tracking(opts.experiment)  # create the store once, before streams race to
     with ThreadPoolExecutor(opts.workers) as pool:
         codes = dict(pool.map(lambda e: run_editor(opts, e, threads), opts.editors))
     failed = [e for e, code in codes.items() if code != 0]

@@ -2,9 +2,12 @@
 run never strands the user:
 
 - a user's mistake ends the run with one line, no traceback (`one_line_errors`);
+- the log says what the project does, not what its libraries do on every start
+  (`setup_logging`);
 - the MLflow tracking store is created safely when several processes start at once
-  (`open_tracking`), and a run is only resumed in the store its runs live in
-  (`check_store`);
+  (`open_tracking`), experiments are marked as model training, the closing message names
+  the UI page of their runs and charts (`how_to_open`), and a run is only resumed in the
+  store its runs live in (`check_store`);
 - a Ray cluster that does not answer is reported within RAY_CONNECT_SECONDS (`join_ray`).
 
 One writer per output folder is `tasks.lock.folder_lock`.
@@ -24,6 +27,43 @@ from tasks.lock import LockHeld
 
 log = logging.getLogger("rlsedit.driver")
 RAY_CONNECT_SECONDS = 15.0   # a live head answers in well under a second, even when busy
+# MLflow 3 marks an experiment's kind with this tag: "custom_model_development" is model
+# training ("Machine learning"), not GenAI. The UI opens an experiment on its runs or on
+# traces by this kind where its GenAI/Model-training switch is off; in 3.17 the switch is
+# on and decides alone, so the address `experiment_page` gives sets the switch
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+# Library lines that say nothing a user acts on, by logger and how the line starts; every
+# other line of these loggers, warnings and errors included, still shows.
+QUIET_LINES = {
+    # MLflow creating or migrating a SQLite store's tables on first use
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables",
+                              "Updating database tables"),
+    # a new local Ray cluster telling that it chose its default, token authentication (the
+    # warning that a cluster runs *without* authentication still shows)
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray cluster",),
+}
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def setup_logging() -> None:
+    """A driver's log: the project's INFO lines with their time and source, without
+    the QUIET_LINES of its libraries."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name, starts in QUIET_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(starts))
 
 
 class UserError(Exception):
@@ -83,12 +123,56 @@ def _creation_lock():
 
 def open_tracking(experiment: str | None = None):
     """Create the tracking store if needed, one process at a time; with `experiment`, make
-    it the active experiment (created if missing) and return it."""
+    it the active experiment (created if missing, and marked as model training unless it
+    has a kind) and return it."""
     import mlflow
 
     with _creation_lock():
-        mlflow.MlflowClient().search_experiments(max_results=1)   # creates a fresh store
-        return mlflow.set_experiment(experiment) if experiment else None
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)   # creates a fresh store
+        if not experiment:
+            return None
+        _mark_kind(client, experiment)
+        return mlflow.set_experiment(experiment)
+
+
+def _mark_kind(client, experiment: str) -> None:
+    """Create `experiment` marked as model training, or mark it if it has no kind."""
+    from mlflow.exceptions import MlflowException
+
+    tag, kind = EXPERIMENT_KIND
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            client.create_experiment(experiment, tags={tag: kind})
+        except MlflowException as err:   # another process (a server store) was first
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    elif tag not in found.tags:
+        client.set_experiment_tag(found.experiment_id, tag, kind)
+
+
+MLFLOW_UI = "http://127.0.0.1:5000"   # where `mlflow ui` serves by default
+
+
+def experiment_page(experiment_id: str, base: str = MLFLOW_UI) -> str:
+    """The address of an experiment's runs in MLflow's chart view. The UI's own switch
+    between "GenAI" and "Model training" (remembered by the browser, GenAI at first)
+    decides what an experiment opens on; the address sets it to model training."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&compareRunsMode=CHART")
+
+
+def how_to_open(run_id: str) -> str:
+    """Two lines that open MLflow run `run_id`'s experiment: the server, the page."""
+    import mlflow
+
+    store = tracking_store()
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    if store.startswith(("http://", "https://")):
+        return f"its charts: {experiment_page(experiment_id, store)}"
+    return (f"open it with: mlflow ui --backend-store-uri {store}\n"
+            f"its charts: {experiment_page(experiment_id)}")
 
 
 def _run_exists(run_id: str) -> bool:

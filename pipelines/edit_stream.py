@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipelines.driver import check_store, one_line_errors, open_tracking, tracking_store
+from pipelines.driver import (check_store, how_to_open, one_line_errors, open_tracking,
+                              setup_logging, tracking_store)
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.lock import folder_lock
 from tasks.stream import EditStream, StreamConfig, stream_fluency
@@ -125,7 +126,7 @@ def parse_args(argv=None) -> StreamConfig:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     with one_line_errors():
         summary = run_stream(parse_args(argv))
     final, base = summary["final"], summary["unedited"]
@@ -134,6 +135,7 @@ def main(argv=None) -> None:
         if key in base and isinstance(final[key], float) and not math.isnan(final[key]):
             print(f"{key:28s} {base[key]:9.3f} {final[key]:9.3f}")
     print(f"seconds per edit: {summary['seconds_per_edit']:.2f}")
+    print(how_to_open(summary["mlflow_run_id"]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import check_store, join_ray, one_line_errors, open_tracking, tracking_store
+from pipelines.driver import (check_store, how_to_open, join_ray, one_line_errors,
+                              open_tracking, setup_logging, tracking_store)
 from pipelines.report import comparison_table, write_reports
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
@@ -38,12 +39,20 @@ from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
 from tasks.files import workdir_path, write_atomically
 from tasks.lock import folder_lock
-from tasks.models import resolve_spec
+from tasks.models import ensure_dequantised, resolve_spec
 from tasks.neighbours import NeighbourArgs
+from tasks.progress import PROGRESS_SECONDS, Progress, timed
 from tasks.stream import StreamConfig, snapshot_path
 
 log = logging.getLogger("rlsedit.grid")
 ACTOR_RETRIES, ACTOR_RETRY_SECONDS = 30, 2.0   # calls to an editor actor Ray is restarting
+# Each cell's curves of these go on the parent run too, as `<metric>/<label>` (`short_label`:
+# the chart titles are narrow): MLflow's chart
+# view shows the parent's charts without expanding it, a section per metric, sections in
+# name order (the anchor deviation, which would come first, stays on the cells' runs)
+PARENT_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd",
+                  "retention_efficacy", "perplexity")
+TABLE_METRICS = PARENT_METRICS + ("anchor_deviation", "fluency")   # the parent's final table
 
 
 @dataclass
@@ -152,6 +161,16 @@ def grid_cells(cfg: GridConfig) -> list[Cell]:
     return cells
 
 
+def short_label(cell: Cell, cfg: GridConfig) -> str:
+    """The cell's name without what every cell of the grid shares (its one model, its one
+    seed): `rlsedit`, `smollm2-135m-rlsedit`, `rlsedit-s1`."""
+    parts = [cell.model.replace("/", "_")] if len(cfg.models) > 1 else []
+    parts.append(cell.editor)
+    if len(cfg.seeds) > 1:
+        parts.append(f"s{cell.cfg['seed']}")
+    return "-".join(parts)
+
+
 def _edit_layers(model: str, cells: list[Cell]) -> list[int]:
     """Every layer some cell of `model` edits (the anchor statistics cover them all)."""
     layers = set()
@@ -204,6 +223,7 @@ class GridLogger:
     def __init__(self, cfg: GridConfig, state: dict):
         from mlflow import MlflowClient
 
+        self.cfg = cfg
         self.state = state
         self.experiment_id = open_tracking(cfg.experiment).experiment_id
         self.client = MlflowClient()
@@ -231,6 +251,22 @@ class GridLogger:
 
     def metrics(self, run_id: str, metrics: dict, step: int) -> None:
         log_metrics(self.client, run_id, metrics, step)
+
+    def cell_on_parent(self, cell: Cell, history: list[dict]) -> None:
+        """The cell's PARENT_METRICS at every evaluation point, on the parent run."""
+        label = short_label(cell, self.cfg)
+        for record in history:
+            self.metrics(self.parent, {f"{k}/{label}": record[k] for k in PARENT_METRICS
+                                       if k in record}, record["edits"])
+
+    def final_table(self, cells: list[Cell], summaries: dict[str, dict]) -> None:
+        """One row per cell (model, editor, seed, final TABLE_METRICS), a table artifact
+        of the parent run."""
+        rows = [{"cell": c.name, "model": c.model, "editor": c.editor, "seed": c.cfg["seed"],
+                 **{k: summaries[c.name]["final"].get(k) for k in TABLE_METRICS}}
+                for c in cells]
+        columns = {key: [row[key] for row in rows] for key in rows[0]}
+        self.client.log_table(self.parent, columns, "final_metrics.json")
 
 
 def run_grid(cfg: GridConfig) -> dict:
@@ -272,19 +308,20 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
         max_restarts=res.evaluator_max_restarts, max_task_retries=res.evaluator_max_restarts)
     anchor_args = from_dict(AnchorArgs, cfg.stream.get("anchor", {}))
     for model in cfg.models:
+        ensure_dequantised(model)   # here, where its log is seen, not in every Ray worker
         layers = _edit_layers(model, cells)
-        tic = time.perf_counter()
-        stats = ray_anchor_stats(model, layers, anchor_args, res.anchor_shards, use_gpu)
+        with timed(log, f"anchor statistics of {model}, layers {layers}"):
+            stats = ray_anchor_stats(model, layers, anchor_args, res.anchor_shards, use_gpu)
         anchors[model] = ray.put({l: (s.cov.numpy(), s.count) for l, s in stats.items()})
         logger.client.log_dict(logger.parent, {str(l): {"tokens": s.count,
                                                         "trace": float(s.cov.trace())}
                                                for l, s in stats.items()},
                                f"anchor/{model.replace('/', '_')}.json")
-        log.info("anchor statistics of %s: %.1f s", model, time.perf_counter() - tic)
         evaluators[model] = [evaluator_actor.remote(model) for _ in range(res.evaluators_per_model)]
         first = next(c for c in cells if c.model == model)
-        baselines[model] = ray.get(evaluators[model][0].baseline.remote(
-            first.cfg, to_dict(cfg.heldout), to_dict(cfg.capability)))
+        with timed(log, f"evaluator start-up and unedited scores of {model}"):
+            baselines[model] = ray.get(evaluators[model][0].baseline.remote(
+                first.cfg, to_dict(cfg.heldout), to_dict(cfg.capability)))
 
     summaries: dict[str, dict] = {}
     generators, evals, actors, pending = {}, {}, {}, {}
@@ -299,14 +336,18 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
         evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
         actor = editor_actor.options(**editor_options,
                                      name=editor_actor_name(logger.parent, cell)).remote(
-            cell.cfg, anchors[cell.model], baselines[cell.model])
+            cell.cfg, baselines[cell.model])
         actors[cell.name] = actor
-        generators[actor.run.remote()] = cell
+        generators[actor.run.remote(anchors[cell.model])] = cell
         results_path = cell.dir / "evals.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         pending[cell.name] = {"run_id": run_id, "results": results, "speed": {},
                               "scoring": set(), "done": None, "evaluator": evaluator,
                               "restarts": 0, "failed_calls": 0}
+    progress = Progress(f"grid {cfg.name}", {c.name: c.cfg["num_edits"] for c in cells}, log=log)
+    for name in summaries:
+        progress.found_done(name)
+    progress.report(force=True)
 
     def score(cell: Cell, n: int, snapshot: dict, speed: dict) -> None:
         """Hand the snapshot after `n` edits to the cell's evaluator; log its speed."""
@@ -347,7 +388,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
         log.warning("%s: editor actor unavailable (%s); calling it again from its checkpoint",
                     cell.name, type(err).__name__)
         time.sleep(ACTOR_RETRY_SECONDS)
-        generators[actors[cell.name].run.remote()] = cell
+        generators[actors[cell.name].run.remote(anchors[cell.model])] = cell
 
     def finish(cell: Cell) -> None:
         p = pending.pop(cell.name)
@@ -370,11 +411,17 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
                                      "editor_restarts": p["restarts"]}, 0)
         logger.client.log_dict(p["run_id"], summary, "summary.json")
         logger.client.set_terminated(p["run_id"])
+        logger.cell_on_parent(cell, history)
         summaries[cell.name] = summary
         ray.kill(actors.pop(cell.name))
+        progress.finish(cell.name)
 
     while generators or evals:
-        ready, _ = ray.wait(list(generators) + list(evals), num_returns=1)
+        ready, _ = ray.wait(list(generators) + list(evals), num_returns=1,
+                            timeout=PROGRESS_SECONDS)
+        if not ready:   # a long evaluation: say where the grid stands all the same
+            progress.report()
+            continue
         item = ready[0]
         if item in evals:
             cell, n = evals.pop(item)
@@ -403,7 +450,10 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
                 p["restarts"] += 1
                 log.warning("%s: editor actor restarted by Ray, at edit %d", cell.name,
                             event["edits"])
+            progress.resume(cell.name, event["edits"])
             rescore_after_resume(cell, event)
+        elif event.get("progress"):
+            progress.update(cell.name, event["edits"])
         elif event.get("done"):
             del generators[item]
             p["done"] = event["summary"]
@@ -413,6 +463,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
                 finish(cell)
         else:
             n = event["edits"]
+            progress.update(cell.name, n)
             path = snapshot_path(cell.dir, n)
             if not path.exists():   # the editor runs on a node without this file system
                 _save_weights(path, event["snapshot"])
@@ -434,6 +485,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
             logger.client.log_artifact(logger.parent, str(path), "reports")
     (out / "comparison.md").write_text(table + "\n")
     logger.client.log_text(logger.parent, table, "comparison.md")
+    logger.final_table(cells, summaries)
     result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
               "cells": ordered, "config": to_dict(cfg)}
     logger.client.log_dict(logger.parent, result, "grid_summary.json")
@@ -460,16 +512,14 @@ def parse_args(argv=None) -> GridConfig:
 
 
 def main(argv=None) -> None:
-    import mlflow
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     tic = time.perf_counter()
     with one_line_errors():
         result = run_grid(parse_args(argv))
     print(f"\n{result['table']}\n")
     print(f"grid {result['grid']} done in {time.perf_counter() - tic:.0f} s; "
           f"MLflow parent run {result['parent_run_id']}")
-    print(f"open it with: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    print(how_to_open(result["parent_run_id"]))
 
 
 if __name__ == "__main__":

@@ -26,16 +26,19 @@ import logging
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import join_ray, one_line_errors, open_tracking, tracking_store
+from pipelines.driver import (join_ray, one_line_errors, open_tracking, setup_logging,
+                              tracking_store)
 from pipelines.grid import log_metrics
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import from_dict, load_yaml, set_override, to_dict
 from tasks.files import workdir_path
 from tasks.lock import lock_file
 from tasks.models import cache_root
+from tasks.progress import Progress
 
 log = logging.getLogger("rlsedit.reeval")
 
@@ -198,6 +201,24 @@ def log_references(client, evaluators: Evaluators, job: Job, cfg: ReevalConfig) 
     log_metrics(client, job.run_id, metrics, 0)
 
 
+def run_labels(jobs: list[Job]) -> dict[str, str]:
+    """{run id: the name its progress shows}: the run name, with the id's start when two
+    runs share a name."""
+    names = {job.run_id: job.run_name for job in jobs}
+    uses = Counter(names.values())
+    return {run_id: f"{name} ({run_id[:8]})" if uses[name] > 1 else name
+            for run_id, name in names.items()}
+
+
+def job_progress(jobs: list[Job]) -> tuple[Progress, dict[str, str]]:
+    """Progress over the runs, counted in snapshots, and each run's label in it."""
+    labels = run_labels(jobs)
+    totals = {label: 0 for label in labels.values()}
+    for job in jobs:
+        totals[labels[job.run_id]] += 1
+    return Progress("reeval", totals, unit="snapshots", items="runs", log=log), labels
+
+
 def lock_path(store: str) -> Path:
     """The lock that keeps re-evaluations of tracking store `store` one at a time."""
     return cache_root() / "locks" / f"reeval-{hashlib.sha1(store.encode()).hexdigest()[:12]}.lock"
@@ -222,7 +243,9 @@ def _run_locked(cfg: ReevalConfig, max_in_flight: int) -> dict:
     scored = []
     if not jobs:
         return {"scored": scored}
+    progress, labels = job_progress(jobs)
     evaluators = Evaluators(sorted({job.model for job in jobs}), cfg)
+    progress.report(force=True)
     try:
         for run_id in dict.fromkeys(job.run_id for job in jobs):
             log_references(client, evaluators, next(j for j in jobs if j.run_id == run_id), cfg)
@@ -239,6 +262,10 @@ def _run_locked(cfg: ReevalConfig, max_in_flight: int) -> dict:
             scored.append({"run": job.run_name, "step": job.step, **metrics})
             log.info("%s at %d edits: %s", job.run_name, job.step,
                      ", ".join(f"{k} {v:.3f}" for k, v in list(metrics.items())[:3]))
+            label = labels[job.run_id]
+            progress.update(label, progress.done[label] + 1)
+            if progress.done[label] == progress.totals[label]:
+                progress.finish(label)
     finally:
         evaluators.close()
     return {"scored": scored}
@@ -277,7 +304,7 @@ def parse_args(argv=None) -> ReevalConfig:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     tic = time.perf_counter()
     with one_line_errors():
         result = run_reeval(parse_args(argv))

@@ -1,10 +1,14 @@
 """Ray actors of the grid: one editor actor per cell, evaluator actors per model.
 
-`EditorActor.run` is a streaming generator: it applies the cell's stream in order and, at
-every evaluation point, checkpoints and yields a snapshot of the edited layers (numpy).
-The driver owns each yielded event and hands the snapshot to an evaluator without
-waiting; editing never waits for evaluation. (Refs created inside the actor and yielded
-to the driver could be freed by Ray's reference counting before the driver read them.)
+`EditorActor.run` is a streaming generator: it applies the cell's stream in order, reports
+the edits applied after every batch and, at every evaluation point, checkpoints and yields
+a snapshot of the edited layers (numpy). The driver owns each yielded event and hands the
+snapshot to an evaluator without waiting; editing never waits for evaluation. (Refs
+created inside the actor and yielded to the driver could be freed by Ray's reference
+counting before the driver read them.) The anchor statistics, large, are an argument of
+`run`, not of the constructor: Ray re-runs the constructor of an actor it restarts
+(max_restarts) and would have to keep constructor arguments in the object store for that,
+while the driver passes `run`'s arguments again on every call.
 
 `Evaluator` loads its base model once; for each snapshot it writes the snapshot's layers
 into that model, scores the CounterFact metrics on the edits so far and the retention of
@@ -59,32 +63,40 @@ def to_numpy(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 class EditorActor:
-    """Holds one cell's model and editor (`EditStream`) for the whole stream."""
+    """Holds one cell's model and editor (`EditStream`) for the whole stream, built at
+    the first `run` call."""
 
-    def __init__(self, cfg: dict, anchor: dict[int, tuple[np.ndarray, int]],
-                 baseline: dict):
+    def __init__(self, cfg: dict, baseline: dict):
         _use_threads()
-        config = from_dict(StreamConfig, {**cfg, "device": _device()})
-        stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
-                 for l, (cov, count) in anchor.items()}
-        self.stream = EditStream(config, anchor=stats, baseline=baseline)
+        self.config = from_dict(StreamConfig, {**cfg, "device": _device()})
+        self.baseline = baseline
+        self.stream: EditStream | None = None
         # True in an actor Ray restarted after it died (max_restarts): the stream goes on
         # from its checkpoint and the driver counts the restart
         context = ray.get_runtime_context() if ray.is_initialized() else None
         self.restarted = bool(context and context.get_actor_id()
                               and context.was_current_actor_reconstructed)
 
-    def run(self):
-        """Yields, in order:
+    def _open(self, anchor: dict[int, tuple[np.ndarray, int]]) -> EditStream:
+        stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
+                 for l, (cov, count) in anchor.items()}
+        return EditStream(self.config, anchor=stats, baseline=self.baseline)
+
+    def run(self, anchor: dict[int, tuple[np.ndarray, int]]):
+        """Streams the cell with `anchor` {layer: (K0ᵀK0 [d_k, d_k], token count)} (used
+        when the stream is built, at the first call). Yields, in order:
         - when the stream continues from a checkpoint, first {"resumed": True, "restarted",
           "edits", "history"}: whether Ray restarted this actor, and the evaluation points
           passed before (with their speed records), whose snapshots are on disk, so the
           driver can score what a crash left unscored;
+        - {"progress": True, "edits"} after each batch that ends between evaluation points;
         - {"edits", "snapshot", "speed"} at each evaluation point (the snapshot is also
           written to the cell's folder before the checkpoint);
         - {"done": True, "summary", "edited"} with the final edited layers.
         Called again after the actor was restarted (max_restarts), it goes on from the
         last checkpoint."""
+        if self.stream is None:
+            self.stream = self._open(anchor)
         stream = self.stream
         if stream.position or self.restarted:
             yield {"resumed": True, "restarted": self.restarted, "edits": stream.position,
@@ -92,12 +104,14 @@ class EditorActor:
             self.restarted = False
         stream.checkpoint()
         while not stream.done:
-            if stream.step():
-                stream.record({})   # speed and step stats; quality metrics: the evaluator's
-                stream.save_snapshot()
-                stream.checkpoint()
-                yield {"edits": stream.position, "snapshot": to_numpy(stream.edited_layers()),
-                       "speed": stream.state["history"][-1]}
+            if not stream.step():
+                yield {"progress": True, "edits": stream.position}
+                continue
+            stream.record({})   # speed and step stats; quality metrics: the evaluator's
+            stream.save_snapshot()
+            stream.checkpoint()
+            yield {"edits": stream.position, "snapshot": to_numpy(stream.edited_layers()),
+                   "speed": stream.state["history"][-1]}
         final = {}
         if stream.cfg.fluency_samples:
             final["fluency"] = stream_fluency(stream.lm, stream.requests, stream.cfg)

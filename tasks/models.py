@@ -12,11 +12,14 @@ import importlib.util
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
+
+from tasks.progress import timed
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +142,28 @@ def load_model(name: str, device: str | torch.device = "cpu",
     return LoadedModel(spec=spec, model=model, tokenizer=tok)
 
 
+@contextmanager
+def _no_transformers_bars():
+    """Without transformers' own bars (loading weights, dequantising, writing shards): one
+    per model load, their carriage returns make one unreadable line of a captured log, and
+    the log already says what is loaded and how long it took. Hub downloads keep theirs
+    (huggingface_hub's)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.set_tqdm_hook(
+        lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
 def _load_hub(source: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    with _no_transformers_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return model, tok
 
 
@@ -160,15 +180,33 @@ def _gguf_path(spec: ModelSpec) -> Path:
     return folder / spec.gguf_file
 
 
+def _dequantised_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "models" / spec.name
+
+
+def ensure_dequantised(name: str) -> None:
+    """Dequantise the packaged GGUF model `name` into the cache unless it is there (a no-op
+    for other models), saying so and how long it took: a driver calls this before its Ray
+    workers load the model, whose logs the user does not see."""
+    spec = resolve_spec(name)
+    if spec.gguf_package and not (_dequantised_dir(spec) / "config.json").exists():
+        _load_gguf_cached(spec)
+
+
 def _load_gguf_cached(spec: ModelSpec):
     """Dequantise the packaged GGUF once, cache it as safetensors, load the cache after."""
-    cached = cache_root() / "models" / spec.name
+    cached = _dequantised_dir(spec)
     if (cached / "config.json").exists():
         return _load_hub(str(cached), torch.float32)
+    with timed(log, f"dequantising {spec.name} (first use only; cached at {cached})"), \
+            _no_transformers_bars():
+        return _dequantise(spec, cached)
+
+
+def _dequantise(spec: ModelSpec, cached: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _gguf_path(spec)
-    log.info("dequantising %s (first load only; cached at %s)", path, cached)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -31,6 +33,28 @@ def test_bad_layers_are_refused(tiny):
     with pytest.raises(ValueError, match="increasing and distinct"):
         tiny.check_layers([2, 1])
     assert tiny.check_layers([1, 2]) == (1, 2)
+
+
+def test_dequantising_says_what_it_does_and_how_long_it_took(tmp_path, monkeypatch, caplog):
+    import tasks.models
+    from tasks.models import ensure_dequantised
+
+    def dequantise(spec, cached):   # the real one: test below; here only what is said
+        cached.mkdir(parents=True)
+        (cached / "config.json").write_text("{}")
+        return None, None
+
+    monkeypatch.setenv("RLSEDIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tasks.models, "_dequantise", dequantise)
+    caplog.set_level(logging.INFO, logger="tasks.models")
+    ensure_dequantised("smollm2-135m")
+    ensure_dequantised("smollm2-135m")   # then nothing: the cache is there
+    ensure_dequantised("tiny-llama")     # nor for a model that is not packaged as GGUF
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"dequantising smollm2-135m (first use only; cached at "
+                     f"{tmp_path / 'models' / 'smollm2-135m'}) …",
+                     f"dequantising smollm2-135m (first use only; cached at "
+                     f"{tmp_path / 'models' / 'smollm2-135m'}): done in 0 s"]
 
 
 def test_packaged_gguf_model_is_dequantised_once_then_loaded_from_the_cache(isolated_stores):

@@ -4,6 +4,7 @@ driver per output folder (and one reeval per store), state from before stores we
 recorded. (Resuming in another tracking store: test_grid.py and test_edit_stream.py; a
 live cluster answers: test_grid.py.)"""
 
+import logging
 import os
 import re
 import socket
@@ -133,3 +134,40 @@ def test_a_run_resumes_only_in_the_store_that_holds_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # one store, one name, whatever the current folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     assert tracking_store() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_experiments_are_marked_as_model_training_unless_they_have_a_kind():
+    from pipelines.driver import open_tracking
+
+    client = mlflow.MlflowClient()
+    assert open_tracking("kinded").tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    open_tracking("chosen")   # a kind the user set stays
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_library_chatter_is_dropped_and_everything_else_of_its_loggers_kept(caplog):
+    from pipelines.driver import setup_logging
+
+    setup_logging()
+    caplog.set_level(logging.INFO)
+    ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    ray_auth.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=…")
+    ray_auth.warning("Token authentication is disabled for this Ray cluster. Anyone with …")
+    db = logging.getLogger("mlflow.store.db.utils")
+    db.info("Creating initial MLflow database tables...")
+    db.error("Something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster. Anyone with …",
+        "Something else went wrong"]
+
+
+def test_the_closing_message_names_the_chart_view_of_the_experiment():
+    from pipelines.driver import how_to_open, open_tracking
+
+    experiment = open_tracking("closing")
+    run_id = mlflow.MlflowClient().create_run(experiment.experiment_id).info.run_id
+    server, page = how_to_open(run_id).splitlines()
+    assert server == f"open it with: mlflow ui --backend-store-uri {tracking_store()}"
+    assert page == (f"its charts: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+                    f"/runs?workflowType=machine_learning&compareRunsMode=CHART")

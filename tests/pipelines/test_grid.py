@@ -2,6 +2,7 @@
 through the real actors and tasks into a real MLflow store, resume, and `ray job submit`."""
 
 import json
+import logging
 import re
 
 import mlflow
@@ -48,11 +49,27 @@ def test_sharded_anchor_statistics_equal_the_single_process_ones(local_ray, tmp_
     assert len(cached) == 2, "the sum is cached for the next grid"
 
 
-def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, monkeypatch):
+def progress_lines(caplog, title: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{title}: ")]
+
+
+def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, monkeypatch,
+                                                           caplog, capfd):
+    caplog.set_level(logging.INFO, logger="rlsedit")
     cfg = parse_args(smoke_args(tmp_path, "--output-json", str(tmp_path / "grid.json")))
     result = run_grid(cfg)
     client = mlflow.MlflowClient()
     parent = result["parent_run_id"]
+    lines = progress_lines(caplog, "grid smoke")   # one at the start, one per finished cell
+    assert lines[0] == "grid smoke: 0/4 cells done, 0/24 edits; 4 waiting; estimating…"
+    assert lines[-1].startswith("grid smoke: 4/4 cells done, 24/24 edits;")
+    assert re.search(r"edits/(s|min); all done$", lines[-1]) and len(lines) >= 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert "anchor statistics of tiny-llama, layers [1] …" in messages
+    assert any(m.startswith("anchor statistics of tiny-llama, layers [1]: done in ")
+               for m in messages)
+    # the editor actors' constructor arguments are all inline: nothing for Ray to warn about
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent}'")
@@ -74,7 +91,12 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, 
         snapshots = {a.path for a in client.list_artifacts(run.info.run_id, "snapshots")}
         assert snapshots == {"snapshots/edits-4.safetensors", "snapshots/edits-6.safetensors"}
     parent_artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"reports", "comparison.md", "grid_summary.json"} <= parent_artifacts
+    assert {"reports", "comparison.md", "grid_summary.json", "final_metrics.json"} <= parent_artifacts
+    for editor in cfg.editors:   # each cell's curves on the parent: the chart view shows them
+        assert [m.step for m in client.get_metric_history(parent, f"efficacy/{editor}")] == [4, 6]
+        assert f"retention_efficacy/{editor}" in client.get_run(parent).data.metrics
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     reports = {a.path.split("/")[-1] for a in client.list_artifacts(parent, "reports")}
     kinds = ("metrics", "retention", "capability", "deviation")
     assert reports == {f"{kind}-tiny-llama.png" for kind in kinds} | {
@@ -105,6 +127,9 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, 
     argv = [arg for run in children for arg in ("--run-id", run.info.run_id)]
     argv += ["--first-k", "2", "--set", "evaluator_cpus=0.5"]
     scored = run_reeval(reeval_args(argv))["scored"]
+    lines = progress_lines(caplog, "reeval")
+    assert lines[0] == "reeval: 0/4 runs done, 0/8 snapshots; 4 waiting; estimating…"
+    assert lines[-1].startswith("reeval: 4/4 runs done, 8/8 snapshots;")
     assert sorted((s["run"], s["step"]) for s in scored) == sorted(
         (name, step) for name in names for step in (4, 6))
     for run in children:
@@ -163,6 +188,18 @@ def test_grid_variants_name_settings_of_an_editor(tmp_path):
     with pytest.raises(ValueError, match="variant 'bad' needs `editor`"):
         grid_cells(parse_args(smoke_args(tmp_path, "--set", "editors=[bad]",
                                          "--set", "variants.bad={mu: 3}")))
+
+
+def test_curves_on_the_parent_are_named_by_what_tells_cells_apart(tmp_path):
+    from pipelines.grid import short_label
+
+    one = parse_args(smoke_args(tmp_path, "--set", "editors=[rlsedit,ft]"))
+    assert [short_label(c, one) for c in grid_cells(one)] == ["rlsedit", "ft"]
+    many = parse_args(smoke_args(tmp_path, "--set", "editors=[rlsedit]",
+                                 "--set", "models=[tiny-llama,tiny-gemma3]", "--set", "seeds=[0,1]"))
+    assert [short_label(c, many) for c in grid_cells(many)] == [
+        "tiny-llama-rlsedit-s0", "tiny-llama-rlsedit-s1", "tiny-gemma3-rlsedit-s0",
+        "tiny-gemma3-rlsedit-s1"]
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-1k", "full-10k", "fidelity-sweep",

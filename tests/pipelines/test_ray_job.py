@@ -1,11 +1,19 @@
-"""`ray job submit` of the smoke grid to a `ray start --head` cluster on loopback."""
+"""`ray job submit` of the smoke grid to a `ray start --head` cluster on loopback, on ports
+of its own so that it runs beside another local Ray.
+
+The cluster runs under `ray start --block` in its own process group and is stopped by
+signalling that group, never by `ray stop`, which would stop every Ray on the machine.
+"""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 from tests.conftest import ROOT
 from tests.pipelines.test_grid import smoke_args
@@ -17,21 +25,28 @@ def test_smoke_grid_as_a_ray_job_on_a_started_cluster(tmp_path, monkeypatch):
     ray_cli = os.path.join(bin_dir, "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DISABLE_USAGE_STATS": "1"}
     dashboard = "8299"
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1",
-                    "--port", "6399", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    dashboard, "--num-cpus", "2", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", "6399", "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
+         "--num-cpus", "2", "--disable-usage-stats", "--dashboard-agent-listen-port", "52399",
+         "--temp-dir", tempfile.mkdtemp(prefix="ray-job-", dir="/tmp")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(address, head)
         job_env = json.dumps({"env_vars": {
             "RLSEDIT_CACHE": os.environ["RLSEDIT_CACHE"],
             "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "HF_HUB_OFFLINE": "1"}})
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--runtime-env-json", job_env, "--no-wait", "--",
-             sys.executable, "-m", "pipelines.grid", *smoke_args(tmp_path, "--set", "name=job-smoke",
-                                                            "--set", "editors=[rlsedit]")],
-            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        submit_cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                      "--runtime-env-json", job_env, "--no-wait", "--", sys.executable, "-m",
+                      "pipelines.grid", *smoke_args(tmp_path, "--set", "name=job-smoke",
+                                                    "--set", "editors=[rlsedit]")]
+        for _ in range(30):   # the job agent comes up a little after the dashboard
+            submit = subprocess.run(submit_cmd, env=env, capture_output=True, text=True,
+                                    timeout=300, cwd=ROOT)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")   # the SDK client checks it too
@@ -48,4 +63,21 @@ def test_smoke_grid_as_a_ray_job_on_a_started_cluster(tmp_path, monkeypatch):
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
         assert "| tiny-llama-rlsedit-s0 |" in logs
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)   # --block stops its cluster on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until the job API at `address` answers; fail if `head` exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, f"ray start exited with {head.returncode}"
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"no Ray dashboard at {address} after {timeout} s")

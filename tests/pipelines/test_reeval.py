@@ -75,3 +75,19 @@ def test_reeval_refuses_bad_requests():
         parse_args(["--experiment", "x", "--first-k", "0"])
     with pytest.raises(Exception, match="unknown capability profile 'laptop'"):
         parse_args(["--experiment", "x", "--capability", "laptop"])
+
+
+def test_reeval_progress_counts_snapshots_per_run_and_tells_runs_of_one_name_apart():
+    from pipelines.reeval import Job, job_progress
+
+    def job(run_id, name, step):
+        return Job(run_id, name, "tiny-llama", {}, f"snapshots/edits-{step}.safetensors",
+                   step, retention=True, tasks=[])
+
+    jobs = [job("a" * 32, "stream", 4), job("a" * 32, "stream", 6), job("b" * 32, "stream", 6),
+            job("c" * 32, "grid-cell", 6)]
+    progress, labels = job_progress(jobs)
+    assert labels == {"a" * 32: "stream (aaaaaaaa)", "b" * 32: "stream (bbbbbbbb)",
+                      "c" * 32: "grid-cell"}
+    assert progress.totals == {"stream (aaaaaaaa)": 2, "stream (bbbbbbbb)": 1, "grid-cell": 1}
+    assert progress.line() == "reeval: 0/3 runs done, 0/4 snapshots; 3 waiting; estimating…"
