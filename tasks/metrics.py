@@ -21,11 +21,84 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data import EditRequest
-from tasks.extract.tokens import build_batch
+from tasks.extract.tokens import TokenBatch, build_batch, pad_right
 from tasks.models import vocab_logits
 
 METRIC_NAMES = ("efficacy", "generalization", "specificity", "specificity_nbhd",
                 "efficacy_token_acc", "generalization_token_acc", "specificity_token_acc")
+
+
+def _target_scores(model, hidden: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL and token accuracy [R] (CPU) of the teacher-forced targets `labels` [R, T]
+    (-100 where nothing is scored), from final hidden states [R, T, d]. Logits are
+    computed only at the scored positions."""
+    rows, pos = torch.nonzero(labels != -100, as_tuple=True)
+    logp = F.log_softmax(vocab_logits(model, hidden[rows, pos]).float(), -1)
+    target = labels[rows, pos]
+    token_nll = -logp.gather(1, target[:, None]).squeeze(1)
+    hit = (logp.argmax(-1) == target).float()
+    n = torch.bincount(rows, minlength=len(labels)).float()
+    zeros = torch.zeros(len(labels), device=hidden.device)
+    return ((zeros.index_add(0, rows, token_nll) / n).cpu(),
+            (zeros.index_add(0, rows, hit) / n).cpu())
+
+
+def _shared_prefix(input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    """How many leading tokens all rows of `input_ids` [k, T] share, at most the shortest
+    row's length (`lengths` [k]; pads past it may agree)."""
+    same = (input_ids == input_ids[:1]).all(0).long().cumprod(0)
+    return min(int(same.sum()), int(lengths.min()))
+
+
+def _prompt_groups(pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Indices of `pairs` grouped by prompt, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        groups.setdefault(prompt, []).append(i)
+    return list(groups.values())
+
+
+def _prefix_chunks(batch: TokenBatch, groups: list[list[int]],
+                   batch_size: int) -> list[tuple[int, list[list[int]]]]:
+    """`groups` (rows of `batch` that share a prompt) bucketed by the length L of their
+    shared token prefix, in chunks of at most `batch_size` groups: [(L, groups)]."""
+    lengths = batch.last + 1
+    buckets: dict[int, list[list[int]]] = {}
+    for group in groups:
+        key = _shared_prefix(batch.input_ids[group], lengths[group])
+        buckets.setdefault(key, []).append(group)
+    chunks = []
+    for length, members in sorted(buckets.items()):
+        members.sort(key=lambda group: int(lengths[group].max()))  # similar suffix lengths
+        chunks += [(length, members[i:i + batch_size])
+                   for i in range(0, len(members), batch_size)]
+    return chunks
+
+
+def _hidden_with_shared_prefix(model, input_ids: torch.Tensor, owner: torch.Tensor,
+                               length: int) -> torch.Tensor:
+    """Final hidden states [R, T, d] of right-padded rows `input_ids` [R, T], grouped in
+    consecutive runs (`owner` [R]: each row's group, 0..G-1) whose rows share their first
+    `length` tokens. Each group's prefix runs once; its keys/values enter the group's
+    rows as a cache for the rest. No attention mask is needed: a row is padded only at its
+    end, after its last real token, and a causal model's real tokens never see later ones.
+    """
+    from transformers import DynamicCache
+
+    base = model.base_model
+    if length == 0:
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+    first = torch.searchsorted(owner, torch.arange(int(owner[-1]) + 1, device=owner.device))
+    cache = DynamicCache(config=model.config)
+    prefix = base(input_ids=input_ids[first, :length], past_key_values=cache,
+                  use_cache=True).last_hidden_state[owner]            # [R, length, d]
+    if input_ids.shape[1] == length:
+        return prefix
+    cache.batch_select_indices(owner)
+    suffix = base(input_ids=input_ids[:, length:], past_key_values=cache,
+                  use_cache=True).last_hidden_state                     # [R, T - length, d]
+    return torch.cat([prefix, suffix], 1)
 
 
 @torch.no_grad()
@@ -33,29 +106,24 @@ def continuation_scores(lm, pairs: list[tuple[str, str]],
                         batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """For (prompt, target) pairs: mean NLL of " target" after prompt, and token accuracy.
 
-    Returns two [N] float tensors. Logits are computed only at target positions.
+    Returns two [N] float tensors. Each text "prompt target" is tokenised whole
+    (`build_batch`); the pairs of one prompt share the longest common prefix of their
+    tokens, which runs once (`batch_size` prompts per forward, prefixes of one length).
+    Logits are computed only at target positions.
     """
-    nll = torch.empty(len(pairs))
-    acc = torch.empty(len(pairs))
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    base = lm.model.base_model
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        texts = [pairs[i][0] + " " + pairs[i][1] for i in idx]
-        batch = build_batch(lm.tokenizer, texts, target_starts=[len(pairs[i][0]) for i in idx])
-        batch = batch.to(lm.model.device)
-        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False).last_hidden_state
-        rows, pos = batch.target_positions
-        logp = F.log_softmax(vocab_logits(lm.model, hidden[rows, pos]).float(), -1)
-        labels = batch.labels[rows, pos]
-        token_nll = -logp.gather(1, labels[:, None]).squeeze(1)
-        hit = (logp.argmax(-1) == labels).float()
-        n = torch.bincount(rows, minlength=len(idx)).float()
-        row_nll = torch.zeros(len(idx)).index_add_(0, rows.cpu(), token_nll.cpu()) / n.cpu()
-        row_acc = torch.zeros(len(idx)).index_add_(0, rows.cpu(), hit.cpu()) / n.cpu()
-        nll[idx] = row_nll
-        acc[idx] = row_acc
+    nll, acc = torch.empty(len(pairs)), torch.empty(len(pairs))
+    if not pairs:
+        return nll, acc
+    batch = build_batch(lm.tokenizer, [p + " " + t for p, t in pairs],
+                        target_starts=[len(p) for p, _ in pairs])
+    for length, chunk in _prefix_chunks(batch, _prompt_groups(pairs), batch_size):
+        rows = torch.tensor([i for group in chunk for i in group])
+        owner = torch.repeat_interleave(torch.arange(len(chunk)),
+                                        torch.tensor([len(group) for group in chunk]))
+        sub = batch.select(rows).to(lm.model.device)
+        hidden = _hidden_with_shared_prefix(lm.model, sub.input_ids,
+                                            owner.to(lm.model.device), length)
+        nll[rows], acc[rows] = _target_scores(lm.model, hidden, sub.labels)
     return nll, acc
 
 
@@ -152,16 +220,21 @@ def fluency(lm, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 
 
 @torch.no_grad()
 def perplexity(lm, texts: list[str], max_tokens: int = 128, batch_size: int = 16) -> float:
-    """exp of the mean next-token NLL over all tokens of `texts` (each cut at `max_tokens`)."""
+    """exp of the mean next-token NLL over all tokens of `texts` (each cut at `max_tokens`).
+    Texts run in order of length, so that a batch is little padded, and the LM head runs
+    only at real positions."""
     tok = lm.tokenizer
+    ids = tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_tokens).to(lm.model.device)
-        logits = lm.model(**enc, use_cache=False).logits[:, :-1].float()
-        labels = enc["input_ids"][:, 1:]
-        mask = enc["attention_mask"][:, 1:].bool()
-        nll = F.cross_entropy(logits[mask], labels[mask], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int(mask.sum())
+    for start in range(0, len(order), batch_size):
+        input_ids, mask = (t.to(lm.model.device) for t in
+                           pad_right([ids[i] for i in order[start:start + batch_size]],
+                                     tok.pad_token_id))
+        hidden = lm.model.base_model(input_ids=input_ids, attention_mask=mask,
+                                     use_cache=False).last_hidden_state   # [B, T, d]
+        scored = mask[:, 1:].bool()                                    # [B, T - 1]
+        logits = vocab_logits(lm.model, hidden[:, :-1][scored]).float()  # [M, vocab]
+        total_nll += float(F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="sum"))
+        total_tokens += int(scored.sum())
     return math.exp(total_nll / max(total_tokens, 1))

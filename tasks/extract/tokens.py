@@ -39,6 +39,18 @@ class TokenBatch:
         return torch.nonzero(self.labels != -100, as_tuple=True)
 
 
+def pad_right(rows: list[list[int]], pad: int,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded with `pad` to `width` (default: the longest row): values and
+    mask (1 on a row's own tokens), both [B, width] long."""
+    width = max(len(row) for row in rows) if width is None else width
+    values = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        values[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+    return values, mask
+
+
 def build_batch(tokenizer, texts: list[str], subject_ends: list[int | None] | None = None,
                 target_starts: list[int | None] | None = None) -> TokenBatch:
     """Tokenise `texts`; mark the token holding character `subject_ends[i] - 1` as lookup and
@@ -72,15 +84,8 @@ def build_batch(tokenizer, texts: list[str], subject_ends: list[int | None] | No
         rows_ids.append(ids)
         rows_lab.append(labels)
         lookups.append(lookup)
-    width = max(len(ids) for ids in rows_ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows_ids, rows_lab)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention[i, :len(ids)] = 1
-        labels[i, :len(lab)] = torch.tensor(lab)
+    input_ids, attention = pad_right(rows_ids, tokenizer.pad_token_id)
+    labels = pad_right(rows_lab, -100, width=input_ids.shape[1])[0]
     return TokenBatch(input_ids=input_ids, attention_mask=attention,
                       lookup=torch.tensor(lookups), labels=labels,
                       last=attention.sum(1) - 1)
