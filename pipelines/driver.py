@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tasks.config import ConfigError
+from tasks.errors import UserError
 from tasks.lock import LockHeld
 
 log = logging.getLogger("rlsedit.driver")
@@ -64,10 +65,6 @@ def setup_logging() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLines) for f in logger.filters):
             logger.addFilter(_DropLines(starts))
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the message says how."""
 
 
 USER_ERRORS = (UserError, LockHeld, ConfigError)
