@@ -148,14 +148,20 @@ def _no_transformers_bars():
     per model load, their carriage returns make one unreadable line of a captured log, and
     the log already says what is loaded and how long it took. Hub downloads keep theirs
     (huggingface_hub's)."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.set_tqdm_hook(
         lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    gguf_bar = gguf_utils.tqdm        # the GGUF reader's bar is tqdm's own, not the hook's
+    gguf_utils.tqdm = partial(gguf_bar, disable=True)
     try:
         yield
     finally:
         hf_logging.set_tqdm_hook(previous)
+        gguf_utils.tqdm = gguf_bar
 
 
 def _load_hub(source: str, dtype: torch.dtype):

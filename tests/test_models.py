@@ -57,10 +57,12 @@ def test_dequantising_says_what_it_does_and_how_long_it_took(tmp_path, monkeypat
                      f"{tmp_path / 'models' / 'smollm2-135m'}): done in 0 s"]
 
 
-def test_packaged_gguf_model_is_dequantised_once_then_loaded_from_the_cache(isolated_stores):
+def test_packaged_gguf_model_is_dequantised_once_then_loaded_from_the_cache(isolated_stores,
+                                                                           capfd):
     from tasks.models import cache_root
 
     first = load_model("smollm2-135m")
+    assert "de-quantizing" not in capfd.readouterr().err     # no progress bar in the log
     cached = cache_root() / "models" / "smollm2-135m"
     assert (cached / "config.json").exists() and list(cached.glob("*.safetensors"))
     second = load_model("smollm2-135m")
