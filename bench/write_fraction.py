@@ -40,7 +40,7 @@ def main():
     rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
     keys = compute_keys(lm, layer, rewrite, groups, len(requests)).double()
     anchor = cached_anchor_stats(lm, [layer], AnchorArgs(), progress=False)[layer]
-    lines = [f"| λ | μ | mean kPkᵀ | share of the residual written |", "|---|---|---|---|"]
+    lines = ["| λ | μ | mean kPkᵀ | share of the residual written |", "|---|---|---|---|"]
     for lam, mu in GRID:
         precision = mu * anchor.cov
         precision.diagonal().add_(lam)

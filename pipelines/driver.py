@@ -1,7 +1,9 @@
 """What every driver (grid, stream, reeval) does around its work, so a re-run or a second
 run never strands the user:
 
-- a user's mistake ends the run with one line, no traceback (`one_line_errors`);
+- a user's mistake ends the run with one line, no traceback (`one_line_errors`; `--debug`
+  shows it), command-line mistakes included (`argument_parser`), and the tracking store and
+  the Ray cluster are checked before anything is written (`check_tracking`, `check_ray`);
 - the log says what the project does, not what its libraries do on every start
   (`setup_logging`);
 - the MLflow tracking store is created safely when several processes start at once
@@ -15,19 +17,22 @@ One writer per output folder is `tasks.lock.folder_lock`.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
 import socket
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tasks.config import ConfigError
-from tasks.errors import UserError
+from tasks.errors import UserError, check_writable
 from tasks.lock import LockHeld
 
 log = logging.getLogger("rlsedit.driver")
 RAY_CONNECT_SECONDS = 15.0   # a live head answers in well under a second, even when busy
+TRACKING_CONNECT_SECONDS = 10.0   # MLflow itself retries a dead server for minutes
 # MLflow 3 marks an experiment's kind with this tag: "custom_model_development" is model
 # training ("Machine learning"), not GenAI. The UI opens an experiment on its runs or on
 # traces by this kind where its GenAI/Model-training switch is off; in 3.17 the switch is
@@ -67,16 +72,40 @@ def setup_logging() -> None:
             logger.addFilter(_DropLines(starts))
 
 
-USER_ERRORS = (UserError, LockHeld, ConfigError)
+USER_ERRORS = (UserError, LockHeld)   # config and data errors are UserErrors
+USER_ERROR_EXIT = 2   # as argparse exits on a command-line mistake
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a command-line mistake as a UserError, not as usage lines."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of the driver `module` (`pipelines.grid`), described by the first line of
+    its `doc`, with `--debug`."""
+    parser = _Parser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="on a user error, show the traceback, not one line")
+    return parser
 
 
 @contextmanager
-def one_line_errors():
-    """Around a driver's `main`: a user error exits with its message as one line."""
+def one_line_errors(argv: list[str] | None = None):
+    """Around a driver's `main(argv)`: a user error (`USER_ERRORS`, also when a Ray task or
+    actor raised it) exits with status USER_ERROR_EXIT and `error: <message>` as one line
+    on stderr, unless `--debug` is in `argv` (default: the command line): then it is
+    raised with its traceback. Other exceptions pass as they are."""
     try:
         yield
     except USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        cause = getattr(err, "cause", err)   # a Ray task's error holds the original as cause
+        print(f"error: {' '.join(str(cause).split())}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 # -- the MLflow tracking store ---------------------------------------------------------
@@ -110,12 +139,64 @@ def _creation_lock():
 
     @contextmanager
     def locked():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", "w") as f:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(f"{path}.lock", "w")
+        except OSError as err:   # a place `check_tracking` could not tell from outside
+            raise UserError(f"cannot create the MLflow tracking store {path}: {err.strerror}; "
+                            f"{TRACKING_FIX}") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)   # released when closed, or when the process dies
             yield
 
     return locked()
+
+
+TRACKING_FIX = ("set MLFLOW_TRACKING_URI to sqlite:///PATH (a file you can write), a "
+                "folder, or the http(s):// address of a running MLflow server")
+
+
+def check_tracking(timeout_s: float = TRACKING_CONNECT_SECONDS) -> None:
+    """Before anything is written, a UserError when the tracking store cannot be used: an
+    unknown URI scheme, a local store where nothing can be written, a server that cannot
+    be reached within `timeout_s` (MLflow would retry for minutes). Creates nothing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    uri = tracking_store()
+    scheme = urlsplit(uri).scheme
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        raise UserError(f"the MLflow tracking store {uri} (MLFLOW_TRACKING_URI) has an unknown "
+                        f"scheme {scheme!r}: {TRACKING_FIX}") from None
+    if (path := _sqlite_path(uri)) is not None or scheme == "file":
+        check_writable(path or Path(urlsplit(uri).path), "the MLflow tracking store",
+                       TRACKING_FIX, folder=path is None)
+    elif scheme in ("http", "https"):
+        if (why := _server_problem(uri, timeout_s)) is not None:
+            raise UserError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) {why}: "
+                            f"start it (mlflow/README.md), or {TRACKING_FIX}")
+
+
+def _server_problem(uri: str, timeout_s: float) -> str | None:
+    """Why the MLflow server at `uri` cannot be used, or None when its health check (every
+    MLflow server's `/health`) answers."""
+    import requests
+
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.Timeout:
+        return f"does not answer within {timeout_s:.0f} s"
+    except requests.RequestException as err:
+        reason = getattr(err.args[0] if err.args else None, "reason", None) or err
+        return f"cannot be reached ({str(reason).split(': ')[-1][:200]})"
+    if answer.status_code in (401, 403):
+        return (f"refuses access (HTTP {answer.status_code}): set MLFLOW_TRACKING_USERNAME "
+                f"and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
+    if not answer.ok:
+        return f"does not answer as an MLflow server (HTTP {answer.status_code} on /health)"
+    return None
 
 
 def open_tracking(experiment: str | None = None):
@@ -204,6 +285,15 @@ def check_store(state: dict, run_id: str | None, folder: Path) -> None:
                         f"a new output_dir to start over in {store}")
 
 
+def log_file(run_id: str, location, folder: str | None = None) -> None:
+    """Log the file at `location` (a `tasks.storage.Location`: local, or in object storage,
+    fetched for the upload) as an artifact of MLflow run `run_id`, under `folder`."""
+    import mlflow
+
+    with location.local_copy() as path:
+        mlflow.MlflowClient().log_artifact(run_id, str(path), folder)
+
+
 # -- the Ray cluster -------------------------------------------------------------------
 
 def cluster_address(address: str | None) -> str | None:
@@ -239,12 +329,10 @@ def no_answer(address: str, timeout_s: float) -> str | None:
     return None
 
 
-def join_ray(address: str | None, timeout_s: float = RAY_CONNECT_SECONDS) -> None:
-    """`ray.init(address)`, unless the cluster it would join cannot be reached within
-    `timeout_s` (Ray itself would retry forever): then a UserError names the address and
-    how to go on."""
-    import ray
-
+def check_ray(address: str | None, timeout_s: float = RAY_CONNECT_SECONDS) -> str | None:
+    """The host:port of the cluster `ray.init(address)` would join (None: a new local
+    one); a UserError naming it and how to go on when it cannot be reached within
+    `timeout_s` (Ray itself would retry forever)."""
     target = cluster_address(address)
     if target is not None and (why := no_answer(target, timeout_s)):
         if address in (None, "auto"):   # found in RAY_ADDRESS or left by `ray start`
@@ -253,5 +341,13 @@ def join_ray(address: str | None, timeout_s: float = RAY_CONNECT_SECONDS) -> Non
         else:
             fix = "start it, or set ray_address=local to run on a new local cluster"
         raise UserError(f"the Ray cluster at {target} {why}: {fix}")
+    return target
+
+
+def join_ray(address: str | None, timeout_s: float = RAY_CONNECT_SECONDS) -> None:
+    """`ray.init(address)`, once `check_ray` finds the cluster answers."""
+    import ray
+
+    target = check_ray(address, timeout_s)
     log.info("joining Ray at %s", target or "a new local cluster")
     ray.init(address=address, log_to_driver=False)

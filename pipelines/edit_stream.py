@@ -17,32 +17,35 @@ resumed stream logs into the tracking store its run lives in (`pipelines/driver.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipelines.driver import (check_store, how_to_open, one_line_errors, open_tracking,
-                              setup_logging, tracking_store)
+from pipelines.driver import (argument_parser, check_store, check_tracking, how_to_open,
+                              log_file, one_line_errors, open_tracking, setup_logging,
+                              tracking_store)
 from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.lock import folder_lock
+from tasks.preflight import check_stream
+from tasks.storage import Location
 from tasks.stream import EditStream, StreamConfig, stream_fluency
 
 log = logging.getLogger("rlsedit.stream")
 
 
 def run_stream(cfg: StreamConfig) -> dict:
-    """Run (or resume) the stream; a second driver on the same output folder is refused."""
+    """Run (or resume) the stream once its inputs and the tracking store pass their checks;
+    a second driver on the same output folder is refused."""
+    check_stream(cfg)
+    check_tracking()
     with folder_lock(cfg.out_dir):
         return _run_locked(cfg)
 
 
 def _run_locked(cfg: StreamConfig) -> dict:
     import mlflow
-    from safetensors.torch import save_file
 
     stream = EditStream(cfg)
     check_store(stream.state, stream.state["run_id"], cfg.out_dir)
@@ -75,7 +78,7 @@ def _run_locked(cfg: StreamConfig) -> dict:
                 metrics = stream.evaluate()
                 mlflow.log_metrics(metrics, step=stream.position)
                 snapshot = stream.save_snapshot()   # for pipelines.reeval
-                mlflow.log_artifact(str(snapshot), "snapshots")
+                log_file(run.info.run_id, snapshot, "snapshots")
                 progress.set_postfix(eff=f"{metrics['efficacy']:.2f}",
                                      ret=f"{metrics['retention_efficacy']:.2f}")
                 stream.checkpoint()
@@ -86,13 +89,10 @@ def _run_locked(cfg: StreamConfig) -> dict:
             final["fluency"] = stream_fluency(stream.lm, stream.requests, cfg)
             mlflow.log_metric("fluency", final["fluency"], step=cfg.num_edits)
         summary = stream.summary(final)
-        weights_path = cfg.out_dir / "edited_layers.safetensors"
-        save_file(stream.edited_layers(), str(weights_path))
-        mlflow.log_artifact(str(weights_path))
+        log_file(run.info.run_id, stream.save_layers(cfg.out_dir / "edited_layers.safetensors"))
         mlflow.log_dict(summary, "summary.json")
     if cfg.output_json:
-        Path(cfg.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output_json).write_text(json.dumps(summary, indent=2))
+        Location(cfg.output_json).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -105,7 +105,7 @@ CLI_FLAGS = {  # flag -> config key
 
 
 def parse_args(argv=None) -> StreamConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser("pipelines.edit_stream", __doc__)
     parser.add_argument("--config", help="YAML file with StreamConfig keys")
     for flag in CLI_FLAGS:
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag)
@@ -119,7 +119,7 @@ def parse_args(argv=None) -> StreamConfig:
         if value is not None:
             set_override(data, f"{key}={value}")
     if args.layers:
-        data["layers"] = [int(x) for x in args.layers.split(",")]
+        set_override(data, f"layers=[{args.layers}]")
     for assignment in args.set:
         set_override(data, assignment)
     return from_dict(StreamConfig, data)
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> StreamConfig:
 
 def main(argv=None) -> None:
     setup_logging()
-    with one_line_errors():
+    with one_line_errors(argv):
         summary = run_stream(parse_args(argv))
     final, base = summary["final"], summary["unedited"]
     print(f"\n{'metric':28s} {'unedited':>9s} {'edited':>9s}")

@@ -22,26 +22,30 @@ folder; a re-run must use the tracking store the grid's runs live in (`pipelines
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import (check_store, how_to_open, join_ray, one_line_errors,
+from pipelines.driver import (argument_parser, check_ray, check_store, check_tracking,
+                              how_to_open, join_ray, log_file, one_line_errors,
                               open_tracking, setup_logging, tracking_store)
 from pipelines.report import comparison_table, write_reports
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
 from tasks.capability import CapabilityArgs, resolve_suite
-from tasks.config import flatten, from_dict, load_yaml, set_override, to_dict
+from tasks.config import ConfigError, flatten, from_dict, load_yaml, set_override, to_dict
 from tasks.editors import resolve_editor
-from tasks.files import workdir_path, write_atomically
+from tasks.errors import UserError
+from tasks.files import workdir_path
 from tasks.lock import folder_lock
 from tasks.models import ensure_dequantised, resolve_spec
 from tasks.neighbours import NeighbourArgs
+from tasks.preflight import check_file, check_output, check_stream
 from tasks.progress import PROGRESS_SECONDS, Progress, timed
+from tasks.storage import Location
 from tasks.stream import StreamConfig, snapshot_path
 
 log = logging.getLogger("rlsedit.grid")
@@ -80,14 +84,14 @@ class GridConfig:
     heldout: HeldoutArgs = field(default_factory=HeldoutArgs)
     capability: CapabilityArgs = field(default_factory=CapabilityArgs)  # lm-eval suite per snapshot
     resources: ResourceArgs = field(default_factory=ResourceArgs)
-    output_dir: str | None = None    # default runs/grid-<name>
+    output_dir: str | None = None    # default runs/grid-<name>; or s3://, gs://: tasks/storage.py
     output_json: str | None = None
     experiment: str = "rlsedit-grid"
     ray_address: str | None = None   # None: RAY_ADDRESS, a running `ray start`, or a new local one
 
     @property
-    def out_dir(self) -> Path:
-        return Path(self.output_dir or Path("runs") / f"grid-{self.name}").resolve()
+    def out_dir(self) -> Location:
+        return Location(self.output_dir or Path("runs") / f"grid-{self.name}").resolve()
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Cell:
     model: str
     editor: str
     cfg: dict          # StreamConfig as a dict
-    dir: Path
+    dir: Location
 
 
 def resolve_paths(cfg: GridConfig) -> GridConfig:
@@ -131,7 +135,7 @@ def cell_setting(cfg: GridConfig, label: str) -> dict:
     variant = dict(cfg.variants.get(label, {"editor": label}))
     unknown = sorted(set(variant) - {"editor", "editor_args", "stream"})
     if unknown or "editor" not in variant:
-        raise ValueError(f"variant {label!r} needs `editor` and may set `editor_args` and "
+        raise ConfigError(f"variant {label!r} needs `editor` and may set `editor_args` and "
                          f"`stream`, got {sorted(variant)}")
     editor = variant["editor"]
     editor_args = {**cfg.editor_args.get(editor, {}), **variant.get("editor_args", {})}
@@ -178,26 +182,27 @@ def _edit_layers(model: str, cells: list[Cell]) -> list[int]:
         if cell.model == model:
             layers.update(cell.cfg.get("layers") or resolve_spec(model).edit_layers)
     if not layers:
-        raise ValueError(f"model {model!r} has no default edit layers: set stream.layers")
+        raise ConfigError(f"model {model!r} has no default edit layers: set stream.layers")
     return sorted(layers)
 
 
-def _save_json(path: Path, data) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+def _save_json(path: Location, data) -> None:
+    path.write_text(json.dumps(data, indent=2))
 
 
-def _load_weights(path: Path) -> dict:
+def _load_weights(path: Location) -> dict:
     from safetensors.torch import load_file
 
-    return {k: v.numpy() for k, v in load_file(str(path)).items()}
+    with path.local_copy() as local:
+        return {k: v.numpy() for k, v in load_file(str(local)).items()}
 
 
-def _save_weights(path: Path, weights: dict) -> Path:
+def _save_weights(path: Location, weights: dict) -> Location:
     import torch
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, str(path))
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+    path.write_with(lambda tmp: save_file(tensors, str(tmp)))
     return path
 
 
@@ -269,9 +274,55 @@ class GridLogger:
         self.client.log_table(self.parent, columns, "final_metrics.json")
 
 
+def grid_reports(cfg: GridConfig, cells: list[Cell], summaries: dict[str, dict],
+                 logger: GridLogger) -> None:
+    """Each model's reports (`write_reports`; each model has its own unedited reference) in
+    the grid's output folder and under `reports/` on the parent run."""
+    with cfg.out_dir.staging() as folder:
+        for model in cfg.models:
+            cell_summaries = {c.editor + (f" s{c.cfg['seed']}" if len(cfg.seeds) > 1 else ""):
+                              summaries[c.name] for c in cells if c.model == model}
+            files = write_reports(cell_summaries, folder, model.replace("/", "_"),
+                                  f"grid {cfg.name}: {model}, {cfg.stream.get('num_edits')} edits")
+            for path in files.values():
+                logger.client.log_artifact(logger.parent, str(path), "reports")
+
+
+def check_inputs(cfg: GridConfig, cells: list[Cell]) -> None:
+    """Before anything is written: every cell's inputs (`tasks.preflight.check_stream`),
+    the held-out corpus, the capability data, the output folder, the tracking store and
+    the Ray cluster to join; a UserError says what to do."""
+    import ray
+
+    checked = set()
+    for cell in cells:
+        check_stream(from_dict(StreamConfig, cell.cfg), device_here=False, checked=checked)
+    check_file(cfg.heldout.corpus, "held-out corpus", "set heldout.corpus to a "
+               "text<TAB>label file", checked)
+    if cfg.capability.enabled and not Path(cfg.capability.data_dir).is_dir():
+        raise UserError(f"capability.data_dir {cfg.capability.data_dir} is not a folder: set "
+                        f"it to the folder holding the shared data (../shared/data)")
+    check_output(cfg.out_dir)
+    check_tracking()
+    if not ray.is_initialized() and check_ray(cfg.ray_address) is None:
+        check_cpus(cfg, os.cpu_count())   # the new local cluster will have them all
+
+
+def check_cpus(cfg: GridConfig, cpus: float) -> None:
+    """A UserError unless a cluster of `cpus` CPUs can hold the evaluators and an editor."""
+    res = cfg.resources
+    evaluator_cpus = res.evaluator_cpus * res.evaluators_per_model * len(cfg.models)
+    if cpus - evaluator_cpus < res.editor_cpus:
+        raise UserError(f"the cluster has {cpus} CPUs; evaluators take {evaluator_cpus} and "
+                        f"an editor needs {res.editor_cpus}: lower resources.evaluator_cpus "
+                        f"or resources.editor_cpus")
+
+
 def run_grid(cfg: GridConfig) -> dict:
-    """Run (or resume) the grid; a second driver on the same output folder is refused."""
-    cells = grid_cells(cfg)   # every name and setting checked before anything starts
+    """Run (or resume) the grid once its names, settings and inputs pass their checks; a
+    second driver on the same output folder is refused."""
+    cells = grid_cells(cfg)
+    check_inputs(cfg, cells)
     with folder_lock(cfg.out_dir):
         return _run_locked(cfg, cells)
 
@@ -291,11 +342,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) >= 1
     res = cfg.resources
-    evaluator_cpus = res.evaluator_cpus * res.evaluators_per_model * len(cfg.models)
-    if resources.get("CPU", 0) - evaluator_cpus < res.editor_cpus:
-        raise ValueError(f"the cluster has {resources.get('CPU', 0)} CPUs; evaluators take "
-                         f"{evaluator_cpus} and an editor needs {res.editor_cpus}: lower "
-                         f"resources.evaluator_cpus or resources.editor_cpus")
+    check_cpus(cfg, resources.get("CPU", 0))
     logger = GridLogger(cfg, state)
     _save_json(state_path, state)
 
@@ -370,10 +417,10 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
             path = snapshot_path(cell.dir, n)
             if not path.exists():
                 log.warning("%s: no snapshot after %d edits in %s; that evaluation point "
-                            "stays empty", cell.name, n, path.parent)
+                            "stays empty", cell.name, n, cell.dir / "snapshots")
                 continue
             log.info("%s: scoring the snapshot after %d edits left unscored", cell.name, n)
-            logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+            log_file(p["run_id"], path, "snapshots")
             score(cell, n, _load_weights(path), record)
 
     def call_again(cell: Cell, item, err: Exception) -> None:
@@ -457,8 +504,8 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
         elif event.get("done"):
             del generators[item]
             p["done"] = event["summary"]
-            path = _save_weights(cell.dir / "edited_layers.safetensors", event["edited"])
-            logger.client.log_artifact(p["run_id"], str(path))
+            log_file(p["run_id"], _save_weights(cell.dir / "edited_layers.safetensors",
+                                                event["edited"]))
             if not p["scoring"]:
                 finish(cell)
         else:
@@ -467,7 +514,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
             path = snapshot_path(cell.dir, n)
             if not path.exists():   # the editor runs on a node without this file system
                 _save_weights(path, event["snapshot"])
-            logger.client.log_artifact(p["run_id"], str(path), "snapshots")
+            log_file(p["run_id"], path, "snapshots")
             score(cell, n, event["snapshot"], event["speed"])
 
     for handles in evaluators.values():
@@ -476,13 +523,7 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
     ordered = {c.name: summaries[c.name] for c in cells}
     table = "\n\n".join(f"{model}:\n\n" + comparison_table(
         {c.name: summaries[c.name] for c in cells if c.model == model}) for model in cfg.models)
-    for model in cfg.models:   # reports per model: each has its own unedited reference
-        cell_summaries = {c.editor + (f" s{c.cfg['seed']}" if len(cfg.seeds) > 1 else ""):
-                          summaries[c.name] for c in cells if c.model == model}
-        files = write_reports(cell_summaries, out, model.replace("/", "_"),
-                              f"grid {cfg.name}: {model}, {cfg.stream.get('num_edits')} edits")
-        for path in files.values():
-            logger.client.log_artifact(logger.parent, str(path), "reports")
+    grid_reports(cfg, cells, summaries, logger)
     (out / "comparison.md").write_text(table + "\n")
     logger.client.log_text(logger.parent, table, "comparison.md")
     logger.final_table(cells, summaries)
@@ -492,12 +533,12 @@ def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
     logger.client.set_terminated(logger.parent)
     _save_json(out / "grid_summary.json", result)
     if cfg.output_json:
-        _save_json(Path(cfg.output_json), result)
+        _save_json(Location(cfg.output_json), result)
     return result
 
 
 def parse_args(argv=None) -> GridConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser("pipelines.grid", __doc__)
     parser.add_argument("--config", required=True, help="grid YAML (pipelines/configs/)")
     parser.add_argument("--output-json", help="write the summary table and cells here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -514,7 +555,7 @@ def parse_args(argv=None) -> GridConfig:
 def main(argv=None) -> None:
     setup_logging()
     tic = time.perf_counter()
-    with one_line_errors():
+    with one_line_errors(argv):
         result = run_grid(parse_args(argv))
     print(f"\n{result['table']}\n")
     print(f"grid {result['grid']} done in {time.perf_counter() - tic:.0f} s; "

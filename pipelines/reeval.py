@@ -19,8 +19,6 @@ cluster/README.md.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import re
@@ -30,14 +28,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import (join_ray, one_line_errors, open_tracking, setup_logging,
-                              tracking_store)
+from pipelines.driver import (argument_parser, check_tracking, join_ray, one_line_errors,
+                              open_tracking, setup_logging, tracking_store)
 from pipelines.grid import log_metrics
 from tasks.capability import CapabilityArgs, resolve_suite
-from tasks.config import from_dict, load_yaml, set_override, to_dict
+from tasks.config import ConfigError, from_dict, load_yaml, set_override, to_dict
+from tasks.errors import UserError
 from tasks.files import workdir_path
-from tasks.lock import lock_file
-from tasks.models import cache_root
+from tasks.lock import lock_file, machine_lock_path
 from tasks.progress import Progress
 
 log = logging.getLogger("rlsedit.reeval")
@@ -77,14 +75,27 @@ def _steps(client, run_id: str, key: str | None) -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, key)} if key else set()
 
 
+def _get_run(client, run_id: str):
+    """MLflow run `run_id`; a UserError when this tracking store does not have it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"no MLflow run {run_id} in the tracking store {tracking_store()}: "
+                        f"check the run id, or set MLFLOW_TRACKING_URI to its store") from None
+
+
 def find_runs(client, cfg: ReevalConfig) -> list:
     if cfg.run_ids:
-        return [client.get_run(run_id) for run_id in cfg.run_ids]
+        return [_get_run(client, run_id) for run_id in cfg.run_ids]
     if not cfg.experiment:
-        raise ValueError("give an experiment (--experiment) or run ids (--run-id)")
+        raise ConfigError("give an experiment (--experiment) or run ids (--run-id)")
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
-        raise ValueError(f"no MLflow experiment named {cfg.experiment!r} in this tracking "
+        raise ConfigError(f"no MLflow experiment named {cfg.experiment!r} in this tracking "
                          f"store (MLFLOW_TRACKING_URI)")
     return client.search_runs([experiment.experiment_id], max_results=50_000)
 
@@ -221,12 +232,13 @@ def job_progress(jobs: list[Job]) -> tuple[Progress, dict[str, str]]:
 
 def lock_path(store: str) -> Path:
     """The lock that keeps re-evaluations of tracking store `store` one at a time."""
-    return cache_root() / "locks" / f"reeval-{hashlib.sha1(store.encode()).hexdigest()[:12]}.lock"
+    return machine_lock_path("reeval", store)
 
 
 def run_reeval(cfg: ReevalConfig, max_in_flight: int = 4) -> dict:
     """Score and log every missing (run, snapshot); returns {"scored": [...]}. A second
     re-evaluation of the same tracking store while this one runs is refused."""
+    check_tracking()
     store = tracking_store()
     with lock_file(lock_path(store), f"re-evaluation of {store}"):
         return _run_locked(cfg, max_in_flight)
@@ -272,7 +284,7 @@ def _run_locked(cfg: ReevalConfig, max_in_flight: int) -> dict:
 
 
 def parse_args(argv=None) -> ReevalConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser("pipelines.reeval", __doc__)
     parser.add_argument("--config", help="a ReevalConfig YAML (optional)")
     parser.add_argument("--experiment")
     parser.add_argument("--run-id", action="append", dest="run_ids")
@@ -298,7 +310,7 @@ def parse_args(argv=None) -> ReevalConfig:
         set_override(data, assignment)
     cfg = from_dict(ReevalConfig, data)
     if cfg.first_k < 1:
-        raise ValueError(f"first_k must be at least 1, got {cfg.first_k}")
+        raise ConfigError(f"first_k must be at least 1, got {cfg.first_k}")
     resolve_suite(cfg.capability)   # an unknown profile or task fails before any work
     return cfg
 
@@ -306,7 +318,7 @@ def parse_args(argv=None) -> ReevalConfig:
 def main(argv=None) -> None:
     setup_logging()
     tic = time.perf_counter()
-    with one_line_errors():
+    with one_line_errors(argv):
         result = run_reeval(parse_args(argv))
     print(f"re-evaluated {len(result['scored'])} snapshot(s) in "
           f"{time.perf_counter() - tic:.0f} s")

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tasks.errors import read_user_text
 from tasks.extract.hooks import StopForward
 from tasks.files import write_atomically
 from tasks.models import cache_root
 
 log = logging.getLogger(__name__)
+CORPUS_FIX = "set anchor.corpus to a text<TAB>label file (default ../shared/data/agnews/test.tsv)"
 
 
 @dataclass
@@ -62,10 +64,7 @@ class AnchorStats:
 
 def read_corpus(path: str | Path, n_texts: int | None = None, offset: int = 0) -> list[str]:
     """Texts of a `text<TAB>label` file (a header row, if any, is kept as text)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"anchor corpus not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_user_text(path, "anchor corpus", CORPUS_FIX).splitlines()
     texts = [line.split("\t")[0].replace("\\", " ").strip() for line in lines]
     texts = [t for t in texts if t]
     end = None if n_texts is None else offset + n_texts
@@ -124,8 +123,8 @@ def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
                         progress: bool = True) -> dict[int, AnchorStats]:
     """`anchor_stats` over the corpus's first `n_texts` texts, read from / written to disk."""
     corpus = Path(args.corpus)
-    if not corpus.exists():
-        raise FileNotFoundError(f"anchor corpus not found: {corpus}")
+    if not corpus.is_file():
+        read_user_text(corpus, "anchor corpus", CORPUS_FIX)   # says what is wrong with it
     files = {layer: anchor_cache_file(lm.spec.name, layer, corpus, args) for layer in layers}
     result = {layer: AnchorStats(**torch.load(f)) for layer, f in files.items() if f.exists()}
     missing = [layer for layer in layers if layer not in result]

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import yaml
 
+from tasks.errors import UserError, read_user_text
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run: an unknown key or name, a value of the wrong type."""
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
-    """Build dataclass `cls` from a (nested) dict; nested dataclass fields take dicts."""
+    """Build dataclass `cls` from a (nested) dict; nested dataclass fields take dicts. What
+    the data gets wrong (an unknown key, a wrong type, a value `cls` refuses) is a
+    ConfigError."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -35,17 +39,32 @@ def from_dict(cls, data: dict | None, where: str = ""):
             kwargs[name] = from_dict(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(where + name, hint, value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:   # a __post_init__ check: a value out of range, an unknown mode
+        raise ConfigError(str(err)) from None
 
 
 def _coerce(key: str, hint, value):
-    """Numbers for number fields: YAML reads `5e-4` (no dot) as a string, `1` as an int."""
+    """Numbers for number fields (YAML reads `5e-4`, no dot, as a string and `1` as an
+    int), element by element in lists; a list or mapping field refuses anything else."""
     if value is None or isinstance(value, bool):
         return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         allowed = [t for t in typing.get_args(hint) if t is not type(None)]
     else:
         allowed = [hint]
+    container = typing.get_origin(allowed[0]) or allowed[0]
+    if len(allowed) == 1 and container in (list, dict):
+        if not isinstance(value, container):
+            raise ConfigError(f"config key {key} must be a "
+                              f"{'list' if container is list else 'mapping'}, got {value!r}")
+        item = typing.get_args(allowed[0])
+        if container is list and item:
+            return [_coerce(f"{key}[{i}]", item[0], v) for i, v in enumerate(value)]
+        return value
     for number in (int, float):
         if allowed == [number] and not isinstance(value, number):
             try:
@@ -63,8 +82,21 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def parse_yaml(text: str, where: str):
+    """`text` parsed as YAML; a syntax error is a ConfigError naming `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
+
+
 def load_yaml(path: str | Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    text = read_user_text(path, "config file", "give --config an existing YAML file "
+                                               "(examples in pipelines/configs/)")
+    data = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
     return data
@@ -81,7 +113,7 @@ def set_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_yaml(raw, f"the value of override {assignment!r}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

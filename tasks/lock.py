@@ -9,10 +9,15 @@ shares) holding the holder's pid, host, start time and command; a thread touches
 HEARTBEAT_SECONDS. A lock is stale, and taken over with a warning, when its holder ran on
 this host and its pid is gone, or when its file has not been touched for STALE_SECONDS (a
 holder on another host, or a reused pid).
+
+Object storage has no exclusive create: a folder there (`s3://...`) is locked by a file on
+this machine named after its URI (`machine_lock_path`), which keeps two drivers on one
+machine apart but not drivers on two machines.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +28,8 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.errors import UserError
 
 log = logging.getLogger("rlsedit.lock")
 LOCK_NAME = "driver.lock"
@@ -80,15 +87,26 @@ def _create(path: Path, me: dict) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    except OSError as err:   # a folder this user cannot write
+        raise _cannot_write(path, err) from None
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(me))
     return True
 
 
+def _cannot_write(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot write the lock file {path}: {err.strerror or err}; choose a "
+                     f"folder you can write to")
+
+
 def acquire(path: Path, subject: str) -> dict:
     """Take the lock file `path` for this process (see the module docstring) and return the
-    record written there; `LockHeld` says that `subject` is busy and names the holder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    record written there; `LockHeld` says that `subject` is busy and names the holder, a
+    UserError that the lock cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:   # a read-only place, a file where a folder should be
+        raise _cannot_write(path, err) from None
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300],
           "token": uuid.uuid4().hex}
@@ -123,9 +141,21 @@ def _heartbeat(path: Path, token: str, stop: threading.Event) -> None:
         os.utime(path)
 
 
-def folder_lock(folder: str | Path):
-    """Hold `folder`'s lock (LOCK_NAME in it) while the block runs."""
-    return lock_file(Path(folder) / LOCK_NAME, f"output folder {folder}")
+def machine_lock_path(kind: str, key: str) -> Path:
+    """A lock file on this machine, under the cache, for `key` (a tracking store, a URI)."""
+    from tasks.models import cache_root
+
+    return cache_root() / "locks" / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock"
+
+
+def folder_lock(folder):
+    """Hold `folder`'s lock while the block runs: LOCK_NAME in it, or for a folder in
+    object storage (a `tasks.storage.Location` URI) a lock file on this machine."""
+    from tasks.storage import Location
+
+    local = Location(folder).local
+    path = local / LOCK_NAME if local is not None else machine_lock_path("output", str(folder))
+    return lock_file(path, f"output folder {folder}")
 
 
 @contextmanager

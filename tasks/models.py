@@ -9,6 +9,7 @@ its architecture. GGUF models are dequantised once and cached as safetensors und
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from tasks.config import ConfigError
+from tasks.errors import UserError
 from tasks.progress import timed
 
 log = logging.getLogger(__name__)
@@ -82,15 +85,36 @@ class LoadedModel:
         return getattr(self.block(layer), "post_feedforward_layernorm", None)
 
     def check_layers(self, layers) -> tuple[int, ...]:
-        layers = tuple(int(x) for x in layers)
-        bad = [x for x in layers if not 0 <= x < self.num_layers]
-        if bad or not layers:
-            raise ValueError(
-                f"edit layers {list(layers)} are not valid for model {self.spec.name!r}, "
-                f"which has layers 0..{self.num_layers - 1}")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"edit layers must be increasing and distinct, got {list(layers)}")
-        return layers
+        return check_layer_numbers(layers, self.num_layers, self.spec.name)
+
+
+def check_layer_numbers(layers, num_layers: int, model: str) -> tuple[int, ...]:
+    """`layers` as a tuple; a ConfigError unless they are increasing, distinct layers of a
+    model with `num_layers` decoder blocks."""
+    layers = tuple(int(x) for x in layers)
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise ConfigError(f"edit layers {list(layers)} are not valid for model {model!r}, "
+                          f"which has layers 0..{num_layers - 1}")
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(f"edit layers must be increasing and distinct, got {list(layers)}")
+    return layers
+
+
+def layer_count(name: str) -> int | None:
+    """The number of decoder blocks of model `name`, known without loading its weights
+    (a tiny model, a packaged one once dequantised, a local folder); None when only
+    loading it would tell (a hub id not downloaded yet)."""
+    spec = resolve_spec(name)
+    if spec.tiny:
+        return len(TINY_BUILDERS[spec.tiny_arch]()[0].get_submodule(spec.layers))
+    folder = _dequantised_dir(spec) if spec.gguf_package else Path(spec.hub_id or name)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("num_hidden_layers") or config.get("text_config", {}).get(
+        "num_hidden_layers")
 
 
 def registry() -> dict[str, ModelSpec]:
@@ -110,9 +134,38 @@ def resolve_spec(name: str) -> ModelSpec:
         return specs[name]
     if Path(name).is_dir() or "/" in name:
         return ModelSpec(name=name, hub_id=name)
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {name!r}: use one of {sorted(specs)}, a hub id such as "
         f"'meta-llama/Meta-Llama-3-8B-Instruct', or a local model folder")
+
+
+def resolve_device(name: str, here: bool = True) -> str:
+    """The torch device `name` asks for ("auto": the GPU when torch sees one, else the
+    CPU); a UserError when torch does not know the name or (`here`) this machine lacks
+    the device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if not here:
+        return name
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                     else "a CPU-only build")
+            raise UserError(f"device {name!r}: no CUDA device is visible to this torch "
+                            f"({torch.__version__}, {build}): use --device cpu (or auto), "
+                            f"or install a CUDA build of torch (README, GPU)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA "
+                            f"device(s), cuda:0..{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu" and not getattr(getattr(torch, device.type, None),
+                                              "is_available", lambda: False)():
+        raise UserError(f"device {name!r}: torch has no {device.type} device on this "
+                        f"machine: use --device cpu (or auto)")
+    return name
 
 
 def load_model(name: str, device: str | torch.device = "cpu",
@@ -127,7 +180,7 @@ def load_model(name: str, device: str | torch.device = "cpu",
         model, tok = _load_hub(spec.hub_id, dtype)
         model_type = model.config.model_type
         if name not in registry() and model_type not in DOWN_PROJ_MODEL_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"model {name!r} has architecture {model_type!r}, whose MLP output projection "
                 f"rlsedit does not know; supported: {sorted(DOWN_PROJ_MODEL_TYPES)}")
     if tok.pad_token is None:
@@ -167,16 +220,21 @@ def _no_transformers_bars():
 def _load_hub(source: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source)
-    with _no_transformers_bars():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        with _no_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:   # no such folder or hub id, no network, a gated model
+        raise UserError(f"cannot load model {source}: {' '.join(str(err).split())[:300]}; "
+                        f"give a registered name, a local model folder or a hub id, "
+                        f"with the hub reachable (HF_HUB_OFFLINE unset)") from None
     return model, tok
 
 
 def _gguf_path(spec: ModelSpec) -> Path:
     found = importlib.util.find_spec(spec.gguf_package)
     if found is None:
-        raise ValueError(
+        raise UserError(
             f"model {spec.name!r} needs the pip package {spec.gguf_package!r}; "
             f"install it with `pip install {spec.gguf_package.replace('_', '-')}`")
     if spec.gguf_assemble:

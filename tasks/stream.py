@@ -19,16 +19,18 @@ import torch
 
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.config import to_dict
-from tasks.data import SkippedRecord, load_requests
+from tasks.data import MAX_CHARS, SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
 from tasks.editors import build_editor, resolve_editor
+from tasks.errors import UserError
 from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import check_request_tokens, make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
 from tasks.metrics import aggregate, fluency, score_requests
-from tasks.models import cache_root, load_model
+from tasks.models import cache_root, load_model, resolve_device
 from tasks.neighbours import NeighbourArgs, with_neighbours
+from tasks.storage import Location
 
 log = logging.getLogger("rlsedit.stream")
 DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
@@ -55,8 +57,10 @@ class StreamConfig:
     eval_batch_size: int = 32
     seed: int = 0
     skip_bad_records: bool = False  # bad records: False stops the run, True skips and logs them
+    max_text_chars: int = MAX_CHARS  # a longer prompt or answer is a bad record (tasks/data.py)
     device: str = "auto"            # auto | cpu | cuda
-    output_dir: str | None = None   # checkpoint + artifacts; default runs/<run name>
+    output_dir: str | None = None   # checkpoint + artifacts; default runs/<run name>; a
+    # local path or a URI pyarrow.fs reads (s3://bucket/run, gs://...): tasks/storage.py
     output_json: str | None = None
     experiment: str = "rlsedit-stream"
     run_name: str | None = None
@@ -89,13 +93,49 @@ class StreamConfig:
                                  f"-b{self.batch_size}-s{self.seed}")
 
     @property
-    def out_dir(self) -> Path:
-        return Path(self.output_dir or Path("runs") / self.name).resolve()
+    def out_dir(self) -> Location:
+        return Location(self.output_dir or Path("runs") / self.name).resolve()
 
 
-def snapshot_path(out_dir: Path, n: int) -> Path:
+def snapshot_path(out_dir: Location, n: int) -> Location:
     """A stream's snapshot of its edited layers after `n` edits (safetensors)."""
-    return Path(out_dir) / "snapshots" / f"edits-{n}.safetensors"
+    return Location(out_dir) / "snapshots" / f"edits-{n}.safetensors"
+
+
+# A stream's checkpoint, and the one before it, kept so that a damaged latest checkpoint
+# (a bad disk, a broken copy) costs one checkpoint interval, not the run
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
+
+
+def read_checkpoint(path: Location) -> dict:
+    """The state a stream checkpointed to `path` (on disk or in object storage)."""
+    with path.local_copy() as local:
+        return torch.load(local, weights_only=False)
+
+
+def newest_checkpoint(out_dir: Location) -> dict | None:
+    """The newest readable checkpoint in `out_dir`: CHECKPOINT, else PREVIOUS_CHECKPOINT
+    (with a warning when CHECKPOINT is there but unreadable); None when neither is there.
+    A UserError names what cannot be read when nothing can."""
+    failures = []
+    for path in (out_dir / CHECKPOINT, out_dir / PREVIOUS_CHECKPOINT):
+        if not path.exists():
+            continue
+        try:
+            saved = read_checkpoint(path)
+        except Exception as err:   # torch's zip or pickle errors on a damaged file
+            failures.append(f"{path} ({str(err).splitlines()[0][:200]})")
+            continue
+        if failures:
+            log.warning("the checkpoint %s cannot be read; resuming from the previous one, "
+                        "%s", failures[0], path)
+        return saved
+    if failures:
+        previous = f", nor can the previous one, {failures[1]}" if len(failures) > 1 else ""
+        raise UserError(f"the checkpoint {failures[0]} cannot be read{previous}: restore it "
+                        f"from a backup, or remove {CHECKPOINT} and {PREVIOUS_CHECKPOINT} "
+                        f"from {out_dir} to start the stream over")
+    return None
 
 
 UNCONVERGED_NLL = 0.5   # a target value whose NLL stays above this did not write its edit
@@ -126,18 +166,12 @@ def convergence(records: list[dict]) -> dict[str, float]:
                if all("value_steps" in r for r in records) else {})}
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 PAIRED_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd")
 
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
-                 "fluency_samples", "fluency_tokens", "neighbours")
+                 "fluency_samples", "fluency_tokens", "neighbours", "max_text_chars")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -156,7 +190,7 @@ def stream_requests(cfg: StreamConfig, tokenizer) -> tuple[list, list[SkippedRec
     skipped = [] if cfg.skip_bad_records else None
     requests = load_requests(cfg.data, limit=cfg.num_edits, offset=cfg.offset,
                              check=lambda request: check_request_tokens(tokenizer, request),
-                             skipped=skipped)
+                             skipped=skipped, max_chars=cfg.max_text_chars)
     for record in skipped or []:
         log.warning("skipped %s", record.reason)
     return with_neighbours(requests, cfg.neighbours, cfg.seed), skipped or []
@@ -215,8 +249,9 @@ def stream_fluency(lm, requests, cfg: StreamConfig) -> float:
 
 
 class EditStream:
-    """The model, the editor and where the stream stands; resumes from `checkpoint.pt` in
-    the config's output folder when one written by the same config is there."""
+    """The model, the editor and where the stream stands; resumes from the newest readable
+    checkpoint in the config's output folder (`newest_checkpoint`; on disk or in object
+    storage) when one written by the same config is there."""
 
     def __init__(self, cfg: StreamConfig, anchor: dict | None = None,
                  baseline: dict | None = None):
@@ -226,7 +261,7 @@ class EditStream:
         self.cfg = cfg
         self.editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # typos fail early
         self.digest = config_digest(cfg)
-        self.lm = load_model(cfg.model, device=pick_device(cfg.device))
+        self.lm = load_model(cfg.model, device=resolve_device(cfg.device))
         self.requests, self.skipped = stream_requests(cfg, self.lm.tokenizer)
         self.layers = self.lm.check_layers(cfg.layers if cfg.layers is not None
                                            else self.lm.spec.edit_layers)
@@ -235,12 +270,13 @@ class EditStream:
         self.anchor = anchor
         self.W0 = {l: layer_weight(self.lm, l) for l in self.layers}   # before any restore
         self.editor = build_editor(cfg.editor, self.W0, anchor, self._editor_overrides())
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_path = cfg.out_dir / "checkpoint.pt"
+        cfg.out_dir.mkdir()
+        self.ckpt_path = cfg.out_dir / CHECKPOINT
         self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
                       "digest": self.digest, "baseline": None, "templates": None}
-        if self.ckpt_path.exists():
-            self._restore()
+        saved = newest_checkpoint(cfg.out_dir)
+        if saved is not None:
+            self._restore(saved)
         if self.state["baseline"] is None and baseline is not None:
             self.state["baseline"] = baseline
         if self.state["templates"] is None:
@@ -256,11 +292,10 @@ class EditStream:
         batches = -(-self.cfg.num_edits // self.cfg.batch_size)
         return {**self.cfg.editor_args, "planned_batches": batches}
 
-    def _restore(self) -> None:
-        saved = torch.load(self.ckpt_path, weights_only=False)
+    def _restore(self, saved: dict) -> None:
         if saved["digest"] != self.digest:
-            raise RuntimeError(f"{self.ckpt_path} was written by a different config; "
-                               f"remove it or choose another output_dir")
+            raise UserError(f"{self.ckpt_path} was written by a different config; "
+                            f"remove it or choose another output_dir")
         self.state = {k: v for k, v in saved.items() if k != "editor"}
         self.editor.load_state_dict(saved["editor"])
         for layer in self.layers:
@@ -342,8 +377,11 @@ class EditStream:
         return {"anchor_deviation": sum(per_layer.values()) / len(per_layer), **per_layer}
 
     def checkpoint(self) -> None:
-        write_atomically(self.ckpt_path, lambda tmp: torch.save(
-            {**self.state, "editor": self.editor.state_dict()}, tmp))
+        """Write the state to CHECKPOINT (atomically), the one before becoming
+        PREVIOUS_CHECKPOINT."""
+        self.ckpt_path.write_with(lambda tmp: torch.save(
+            {**self.state, "editor": self.editor.state_dict()}, tmp),
+            keep=self.cfg.out_dir / PREVIOUS_CHECKPOINT)
         self._last_checkpoint = time.monotonic()
 
     def edited_layers(self) -> dict[str, torch.Tensor]:
@@ -351,15 +389,18 @@ class EditStream:
         return {self.lm.spec.mlp_out_name(l) + ".weight":
                 self.lm.mlp_out(l).weight.detach().cpu().contiguous() for l in self.layers}
 
-    def save_snapshot(self) -> Path:
-        """Write the edited layers now to `snapshot_path` (atomically). Done at every
-        evaluation point before the checkpoint, so a checkpointed evaluation point always
-        has its snapshot on disk for whoever scores it after a crash."""
+    def save_layers(self, path: Location) -> Location:
+        """Write the edited layers now to `path` (safetensors, atomically)."""
         from safetensors.torch import save_file
 
-        path = snapshot_path(self.cfg.out_dir, self.position)
-        write_atomically(path, lambda tmp: save_file(self.edited_layers(), str(tmp)))
+        path.write_with(lambda tmp: save_file(self.edited_layers(), str(tmp)))
         return path
+
+    def save_snapshot(self) -> Location:
+        """Write the edited layers now to `snapshot_path`. Done at every evaluation point
+        before the checkpoint, so a checkpointed evaluation point always has its snapshot
+        stored for whoever scores it after a crash."""
+        return self.save_layers(snapshot_path(self.cfg.out_dir, self.position))
 
     def summary(self, final_metrics: dict[str, float]) -> dict:
         cfg = self.cfg

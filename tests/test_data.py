@@ -4,6 +4,7 @@ import random
 import pytest
 
 from tasks.data import EditRecordError, load_requests, parse_record
+from tasks.errors import UserError
 from tests.conftest import DATA
 
 GOOD = {
@@ -72,8 +73,20 @@ def test_file_level_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(EditRecordError, match="neither a JSON list nor JSON lines"):
         load_requests(path)
-    with pytest.raises(FileNotFoundError, match="edit data not found"):
+    with pytest.raises(UserError, match="cannot read edit data .*missing.json: no such file"):
         load_requests(tmp_path / "missing.json")
+    path.write_bytes('[{"prompt": "Caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 16 is 0xe9\): save it as"):
+        load_requests(path)
+
+
+def test_a_prompt_or_answer_over_the_cap_is_a_bad_record_naming_the_limit():
+    long = {**GOOD, "locality_prompt": "x" * 1001}
+    assert parse_record(long).locality_prompts == ("x" * 1001,)   # no cap unless asked
+    with pytest.raises(EditRecordError, match=r"record 3 \(case_id=7\): locality_prompts is "
+                                              r"1,001 characters long, over the limit of 1,000"):
+        parse_record(long, 3, max_chars=1000)
+    parse_record({**GOOD, "target_new": "y" * 50}, max_chars=50)   # the limit itself passes
 
 
 def test_json_lines_are_read(tmp_path):

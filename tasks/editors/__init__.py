@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import from_dict, to_dict
+from tasks.config import ConfigError, from_dict, to_dict
 from tasks.editors.alphaedit import AlphaEditArgs, AlphaEditEditor
 from tasks.editors.ft import FTArgs, FTEditor
 from tasks.editors.memit import MEMITArgs, MEMITEditor
@@ -30,7 +30,7 @@ def resolve_editor(name: str, overrides: dict | None = None):
     """(editor class, typed args, the resolved settings as a dict) for editor `name`."""
     entries = editor_registry()
     if name not in entries:
-        raise ValueError(f"unknown editor {name!r}: choose one of {sorted(entries)} "
+        raise ConfigError(f"unknown editor {name!r}: choose one of {sorted(entries)} "
                          f"(defined in {REGISTRY_PATH})")
     settings = dict(entries[name])
     kind = settings.pop("kind")

@@ -71,7 +71,7 @@ def test_a_dead_ray_address_stops_the_grid_in_one_line(tmp_path):
     # about 7 s alone (imports included); the bound leaves room for a loaded machine,
     # where Ray would retry the dead address for ever
     assert time.perf_counter() - tic < 180
-    assert grid.returncode == 1 and "Traceback" not in grid.stderr
+    assert grid.returncode == 2 and "Traceback" not in grid.stderr
     line = grid.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the Ray cluster at ") and f":{dead.split(':')[1]} " in line
     assert "`ray stop`" in line and "RAY_ADDRESS=local" in line
@@ -90,7 +90,7 @@ def test_a_silent_or_configured_dead_cluster_is_named_within_the_bound():
 
 
 @pytest.mark.parametrize("driver", ["edit_stream", "grid", "reeval"])
-def test_a_second_driver_is_refused_at_once_in_one_line(driver, tmp_path):
+def test_a_second_driver_is_refused_at_once_in_one_line(driver, tmp_path, capsys):
     """Each driver, while another process holds its lock: the stream's or the grid's
     output folder, or reeval's lock for the tracking store."""
     from pipelines import edit_stream, grid, reeval
@@ -105,10 +105,12 @@ def test_a_second_driver_is_refused_at_once_in_one_line(driver, tmp_path):
     holder = hold(path)
     try:
         tic = time.perf_counter()
-        with pytest.raises(SystemExit, match=rf"^error: {re.escape(busy)} is busy: "
-                                             rf"pid {holder.pid} on "):
+        with pytest.raises(SystemExit) as stopped:
             {"edit_stream": edit_stream, "grid": grid, "reeval": reeval}[driver].main(argv)
         assert time.perf_counter() - tic < 5, "refused before any work"
+        assert stopped.value.code == 2
+        assert re.fullmatch(rf"error: {re.escape(busy)} is busy: pid {holder.pid} on .*\n",
+                            capsys.readouterr().err)
     finally:
         holder.kill()
         holder.wait()

@@ -74,7 +74,7 @@ def test_rerun_resumes_from_the_checkpoint_in_its_own_tracking_store(tmp_path, m
     again = run_stream(parse_args(args))  # finished run: nothing is edited twice
     assert again["mlflow_run_id"] == first["mlflow_run_id"]
     assert again["history"] == first["history"]
-    with pytest.raises(RuntimeError, match="different config"):
+    with pytest.raises(UserError, match="different config"):
         run_stream(parse_args(args + ["--set", "editor_args.mu=0.5"]))
 
     store, other = tracking_store(), tmp_path / "other" / "mlflow.db"

@@ -1,5 +1,6 @@
 """The Ray pipeline on a real local cluster: sharded anchor statistics, the smoke grid
-through the real actors and tasks into a real MLflow store, resume, and `ray job submit`."""
+through the real actors and tasks into a real MLflow store, resume, a grid whose output
+folder is in S3 (a real S3-compatible server on 127.0.0.1), and `ray job submit`."""
 
 import json
 import logging
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from pipelines.grid import grid_cells, parse_args, run_grid
+from tasks.storage import Location
+from tasks.stream import read_checkpoint
 from tests.conftest import CORPUS, DATA, EDIT_DATA, ROOT
 
 SMOKE = ROOT / "pipelines" / "configs" / "smoke.yaml"
@@ -152,6 +155,34 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, 
             f"sqlite:///{other}: set MLFLOW_TRACKING_URI={store} to go on there")):
         run_grid(parse_args(smoke_args(tmp_path)))
     assert not other.exists(), "nothing is logged to the other store"
+
+
+def test_a_grid_keeps_its_run_state_in_object_storage(local_ray, s3_folder, tmp_path):
+    """output_dir in a real S3-compatible server: the editor actor writes its checkpoints
+    and snapshots there (reached through the URI's query), the driver its resume state and
+    reports; nothing goes to local disk, and a re-run reads the finished grid back."""
+    out = s3_folder(f"grid-{tmp_path.name}")
+    args = smoke_args(tmp_path, "--set", f"output_dir={out}", "--set", "editors=[rlsedit]",
+                      "--set", "capability={}")
+    result = run_grid(parse_args(args))
+    (cell,) = grid_cells(parse_args(args))
+    assert cell.dir == Location(out) / "cells" / cell.name
+    for name in ("grid_state.json", "grid_summary.json", "comparison.md",
+                 "metrics-tiny-llama.png", "comparison-tiny-llama.html"):
+        assert (Location(out) / name).exists(), name
+    for name in ("summary.json", "evals.json", "final_scores.json", "edited_layers.safetensors",
+                 "snapshots/edits-4.safetensors", "snapshots/edits-6.safetensors"):
+        assert (cell.dir / name).exists(), name
+    assert read_checkpoint(cell.dir / "checkpoint.pt")["position"] == 6
+    assert read_checkpoint(cell.dir / "checkpoint.prev.pt")["position"] == 4
+    assert not (tmp_path / "grid").exists()
+    run = result["cells"][cell.name]["mlflow_run_id"]
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run, "snapshots")} == {
+        "snapshots/edits-4.safetensors", "snapshots/edits-6.safetensors"}
+
+    again = run_grid(parse_args(args))   # everything done: read back, nothing reruns
+    assert again["parent_run_id"] == result["parent_run_id"]
+    assert again["cells"] == result["cells"]
 
 
 def test_a_live_cluster_answers_the_drivers_probe(local_ray):

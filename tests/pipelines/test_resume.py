@@ -1,87 +1,75 @@
-"""Crash and resume on the tiny model: a stream process killed mid-run, a grid cell's editor
-actor killed inside the job, a grid driver killed and its command run again. Each ends with
-the weights of an uninterrupted run, bit for bit, and the same evaluation points.
+"""Crash and resume on the tiny model: a stream process killed mid-run (its output folder
+on disk or in S3), a damaged checkpoint, a grid cell's editor actor killed inside the job,
+a grid driver killed and its command run again. Each ends with the weights of an
+uninterrupted run, bit for bit, and the same evaluation points.
 
-The kills are real SIGKILLs (`ray.kill` for the actor). To land them at a known point, the
-killed processes run through a small harness that patches one function to kill its own
-process on the n-th call; nothing in the project knows about it."""
+The kills are real SIGKILLs (`ray.kill` for the actor), landed at a known point by the
+harness of tests/pipelines/conftest.py."""
 
 import json
-import signal
-import subprocess
-import sys
+import logging
+import re
 import threading
 import time
 
 import mlflow
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipelines.edit_stream import parse_args as stream_config, run_stream
 from pipelines.grid import editor_actor_name, grid_cells, parse_args as grid_config, run_grid
-from tasks.stream import EditStream
-from tests.conftest import CORPUS, EDIT_DATA, ROOT
+from tasks.errors import UserError
+from tasks.storage import Location
+from tasks.stream import EditStream, read_checkpoint
+from tests.pipelines.conftest import (check_stream_matches, run_killed, same_weights,
+                                      stream_args)
 from tests.pipelines.test_grid import smoke_args
 
-HARNESS = """
-import os, signal, sys
-import {module} as target
-original, calls = target.{function}, 0
-def dying(*args, **kwargs):
-    global calls
-    calls += 1
-    if {condition}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-target.{function} = dying
-from {main_module} import main
-main(sys.argv[1:])
-"""
-
-
-def run_killed(main_module: str, module: str, function: str, condition: str, args: list[str]):
-    """Run `python -m main_module args`, SIGKILLed by itself when `condition` holds at a call
-    of `module.function` (`calls` counts them)."""
-    code = HARNESS.format(module=module, function=function, condition=condition,
-                          main_module=main_module)
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, start_new_session=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-
-
-def same_weights(a, b) -> bool:
-    left, right = load_file(str(a)), load_file(str(b))
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
-
-
-def stream_args(out):
-    return ["--model", "tiny-llama", "--data", str(EDIT_DATA), "--num-edits", "12",
-            "--batch-size", "1", "--eval-every", "5", "--checkpoint-every", "3",
-            "--output-dir", str(out), "--set", f"anchor.corpus={CORPUS}",
-            "--set", "anchor.n_texts=20", "--set", "values.steps=4",
-            "--set", "values.n_prefixes=1", "--set", "fluency_samples=0"]
-
-
-def test_killed_stream_resumes_to_the_uninterrupted_weights(tmp_path):
-    reference = run_stream(stream_config(stream_args(tmp_path / "straight")))
-
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_killed_stream_resumes_to_the_uninterrupted_weights(where, tmp_path, request,
+                                                            straight_stream):
+    """On disk, and in a real S3-compatible server on 127.0.0.1 (checkpoints, snapshots,
+    weights all there, reached through the query of `--output-dir`)."""
+    out = tmp_path / "killed" if where == "disk" else request.getfixturevalue("s3_folder")(
+        f"killed-{tmp_path.name}")
     # killed inside the 8th edit: checkpoints were written at 3, 5 (evaluation) and 6
     run_killed("pipelines.edit_stream", "tasks.stream", "apply_edit_batch", "calls == 8",
-               stream_args(tmp_path / "killed"))
-    saved = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+               stream_args(out))
+    saved = read_checkpoint(Location(out) / "checkpoint.pt")
     assert saved["position"] == 6 and [h["edits"] for h in saved["history"]] == [5]
+    assert read_checkpoint(Location(out) / "checkpoint.prev.pt")["position"] == 5
 
-    resumed = run_stream(stream_config(stream_args(tmp_path / "killed")))
-    assert same_weights(tmp_path / "killed" / "edited_layers.safetensors",
-                        tmp_path / "straight" / "edited_layers.safetensors")
-    assert [h["edits"] for h in resumed["history"]] == [5, 10, 12]
-    for got, want in zip(resumed["history"], reference["history"]):
-        assert got["efficacy"] == want["efficacy"]
-        assert got["update_norm_L1"] == want["update_norm_L1"]
-    client = mlflow.MlflowClient()
-    steps = sorted(m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "efficacy"))
-    assert steps == [5, 10, 12], "one MLflow run goes on across the crash"
+    resumed = run_stream(stream_config(stream_args(out)))
+    check_stream_matches(resumed, out, straight_stream)
+    assert (Location(out) / "snapshots" / "edits-12.safetensors").exists()
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """The latest checkpoint unreadable: a re-run resumes from the one before, with a
+    warning; both unreadable: one line names them and what to do."""
+    args = stream_args(tmp_path / "run") + ["--set", "checkpoint_minutes=1000"]
+    stream = EditStream(stream_config(args))
+    for _ in range(6):
+        stream.step()   # checkpoints itself after 3 and 6 edits
+    latest, previous = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "checkpoint.prev.pt"
+    assert read_checkpoint(Location(previous))["position"] == 3
+    latest.write_bytes(latest.read_bytes()[:1000])   # a truncated copy
+    with caplog.at_level(logging.WARNING, logger="rlsedit.stream"):
+        resumed = EditStream(stream_config(args))   # what a re-run starts with
+    assert resumed.position == 3
+    assert f"the checkpoint {latest} (" in caplog.text
+    assert f"cannot be read; resuming from the previous one, {previous}" in caplog.text
+
+    latest.write_bytes(b"")
+    previous.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError) as raised:
+        EditStream(stream_config(args))
+    message = str(raised.value)
+    assert "\n" not in message and re.fullmatch(
+        rf"the checkpoint {re.escape(str(latest))} \(.+\) cannot be read, nor can the previous "
+        rf"one, {re.escape(str(previous))} \(.+\): restore it from a backup, or remove "
+        rf"checkpoint.pt and checkpoint.prev.pt from {re.escape(str(tmp_path / 'run'))} to "
+        rf"start the stream over", message), message
 
 
 def test_between_evaluation_points_checkpoints_follow_the_clock(tmp_path):
@@ -90,7 +78,7 @@ def test_between_evaluation_points_checkpoints_follow_the_clock(tmp_path):
     args[at:at + 2] = ["--set", "checkpoint_minutes=1e-9"]    # due at every step
     stream = EditStream(stream_config(args))
     stream.step()
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["position"] == 1
+    assert read_checkpoint(Location(tmp_path / "run" / "checkpoint.pt"))["position"] == 1
     with pytest.raises(ValueError, match="checkpoint_minutes must be positive"):
         stream_config(stream_args(tmp_path / "x") + ["--set", "checkpoint_minutes=0"])
 
