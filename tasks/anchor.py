@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tasks.errors import read_user_text
+from tasks.errors import read_user_text, require_file
 from tasks.extract.hooks import StopForward
 from tasks.files import write_atomically
 from tasks.models import cache_root
@@ -123,8 +123,7 @@ def cached_anchor_stats(lm, layers: list[int], args: AnchorArgs,
                         progress: bool = True) -> dict[int, AnchorStats]:
     """`anchor_stats` over the corpus's first `n_texts` texts, read from / written to disk."""
     corpus = Path(args.corpus)
-    if not corpus.is_file():
-        read_user_text(corpus, "anchor corpus", CORPUS_FIX)   # says what is wrong with it
+    require_file(corpus, "anchor corpus", CORPUS_FIX)
     files = {layer: anchor_cache_file(lm.spec.name, layer, corpus, args) for layer in layers}
     result = {layer: AnchorStats(**torch.load(f)) for layer, f in files.items() if f.exists()}
     missing = [layer for layer in layers if layer not in result]

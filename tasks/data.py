@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.errors import UserError, read_user_text
+from tasks.errors import UserError, brief, read_user_text
 
 MAX_CHARS = 1000   # the default cap on a prompt or answer: 6× CounterFact's longest
 
@@ -143,7 +143,7 @@ def _hub_records(source: str) -> list[dict]:
         return [dict(row) for row in load_dataset(name, split=split or "train")]
     except (OSError, ValueError) as err:   # not found, no network, offline, unknown split
         raise UserError(f"cannot load edit data {source} from the Hugging Face hub: "
-                        f"{' '.join(str(err).split())[:300]}; check the name and split, "
+                        f"{brief(err)}; check the name and split, "
                         f"and that the hub is reachable (HF_HUB_OFFLINE unset)") from None
 
 

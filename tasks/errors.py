@@ -1,8 +1,9 @@
 """The one exception class for mistakes a user can fix (bad data, config, paths, devices,
 checkpoints, tracking server). Drivers print it as one line, without a traceback
 (`pipelines.driver.one_line_errors`). Raise it where the cause is known, so the message
-can say what is wrong and what to do; `read_user_text` and `check_writable` do so for the
-files and folders a user names."""
+can say what is wrong and what to do; `read_user_text`, `require_file` and
+`check_writable` do so for the files and folders a user names, `brief` quotes a library's
+error."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def read_user_text(path: str | Path, what: str, fix: str = "check the path") -> 
     except OSError as err:
         why = (err.strerror or type(err).__name__).lower()
         raise UserError(f"cannot read {what} {path}: {why}; {fix}") from None
+
+
+def brief(err: BaseException, limit: int = 300) -> str:
+    """A library's error message `err` as one line to quote in a UserError: whitespace
+    collapsed, and cut at a word boundary with " …" when over `limit` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def require_file(path: str | Path, what: str, fix: str) -> None:
+    """A UserError naming `path` (`what`, `fix` as for `read_user_text`) unless it is a
+    file; the file itself is not read."""
+    if not Path(path).is_file():
+        read_user_text(path, what, fix)   # raises, saying what is wrong with it
 
 
 def check_writable(path: str | Path, what: str, fix: str, folder: bool = True) -> None:

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tasks.config import ConfigError
-from tasks.errors import UserError
+from tasks.errors import UserError, brief
 from tasks.progress import timed
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _load_hub(source: str, dtype: torch.dtype):
         with _no_transformers_bars():
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:   # no such folder or hub id, no network, a gated model
-        raise UserError(f"cannot load model {source}: {' '.join(str(err).split())[:300]}; "
+        raise UserError(f"cannot load model {source}: {brief(err)}; "
                         f"give a registered name, a local model folder or a hub id, "
                         f"with the hub reachable (HF_HUB_OFFLINE unset)") from None
     return model, tok

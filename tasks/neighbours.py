@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.data import EditRequest, load_requests
-from tasks.errors import read_user_text
+from tasks.errors import require_file
 from tasks.files import write_atomically
 from tasks.models import cache_root
 
@@ -71,8 +71,7 @@ def with_neighbours(requests: list[EditRequest], args: NeighbourArgs,
     if not args.pool or not requests:
         return requests
     path = Path(args.pool)
-    if not path.is_file():
-        read_user_text(path, "neighbour pool", POOL_FIX)   # says what is wrong with it
+    require_file(path, "neighbour pool", POOL_FIX)
     key = json.dumps([hashlib.sha1(path.read_bytes()).hexdigest(), args.per_edit, seed,
                       [(r.case_id, r.prompt, r.subject, r.ground_truth) for r in requests]])
     cache = cache_root() / "neighbours" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tasks.anchor import CORPUS_FIX
 from tasks.data import load_requests
 from tasks.editors import resolve_editor
-from tasks.errors import UserError, check_writable, read_user_text
+from tasks.errors import UserError, brief, check_writable, read_user_text
 from tasks.models import check_layer_numbers, layer_count, resolve_device, resolve_spec
 from tasks.neighbours import POOL_FIX
 from tasks.stream import StreamConfig
@@ -65,7 +65,7 @@ def check_output(out_dir) -> None:
         found = out_dir.fs.get_file_info(bucket).type != FileType.NotFound
     except OSError as err:
         raise UserError(f"cannot reach the output folder {out_dir} "
-                        f"({str(err).splitlines()[0][:160]}): check its endpoint and "
+                        f"({brief(err, 160)}): check its endpoint and "
                         f"credentials, or {OUTPUT_FIX}") from None
     if not found:
         raise UserError(f"the bucket {bucket} of the output folder {out_dir} does not "

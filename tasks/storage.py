@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from tasks.errors import brief
 from tasks.files import is_uri, write_atomically
 
 log = logging.getLogger("rlsedit.storage")
@@ -158,7 +159,7 @@ class Location:
             self.fs.copy_file(self.fs_path, target.fs_path)
         except OSError as err:
             log.warning("could not keep a copy of %s as %s (%s); only the newest is kept",
-                        self, target.name, str(err).splitlines()[0])
+                        self, target.name, brief(err, 200))
 
     def _upload(self, path: Path) -> None:
         """Upload the local file `path` to this object (visible once complete)."""

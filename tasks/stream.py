@@ -22,7 +22,7 @@ from tasks.config import to_dict
 from tasks.data import MAX_CHARS, SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
 from tasks.editors import build_editor, resolve_editor
-from tasks.errors import UserError
+from tasks.errors import UserError, brief
 from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import check_request_tokens, make_context_templates
 from tasks.extract.values import ValueArgs
@@ -124,7 +124,7 @@ def newest_checkpoint(out_dir: Location) -> dict | None:
         try:
             saved = read_checkpoint(path)
         except Exception as err:   # torch's zip or pickle errors on a damaged file
-            failures.append(f"{path} ({str(err).splitlines()[0][:200]})")
+            failures.append(f"{path} ({brief(err, 200)})")
             continue
         if failures:
             log.warning("the checkpoint %s cannot be read; resuming from the previous one, "

@@ -323,3 +323,11 @@ def test_a_tracking_server_must_answer_its_health_check(monkeypatch):
             check_tracking()
     finally:
         server.shutdown()
+
+
+def test_a_quoted_library_error_is_one_line_cut_at_a_word():
+    from tasks.errors import brief
+
+    err = RuntimeError("PytorchStreamReader failed\n  reading zip archive: failed finding")
+    assert brief(err) == "PytorchStreamReader failed reading zip archive: failed finding"
+    assert brief(err, 40) == "PytorchStreamReader failed reading zip …"
