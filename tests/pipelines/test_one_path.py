@@ -1,0 +1,60 @@
+"""One path for every run (issue 17): the refactors behind it change no edit.
+
+`tests/data/golden/*.safetensors` hold the final edited layers of three 20-edit streams on
+the tiny models, written by the code before the refactor (commit cbc1ff0) with one torch
+thread on an AVX2 CPU. A stream run now must end with the same weights, bit for bit, on
+such a CPU; other CPUs take other matmul kernels, so there the weights must agree to
+float rounding (a relative 1e-5)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.edit_stream import parse_args as stream_config, run_stream
+from tests.conftest import CORPUS, EDIT_DATA
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+GOLDEN_CPU = "AVX2"   # torch.backends.cpu.get_cpu_capability() where they were written
+STREAMS = {  # name: (model, editor, layers)
+    "tiny-llama-rlsedit": ("tiny-llama", "rlsedit", "1"),
+    "tiny-gemma3-rlsedit": ("tiny-gemma3", "rlsedit", "0,1"),
+    "tiny-llama-memit": ("tiny-llama", "memit", "1"),
+}
+
+
+def golden_args(name: str, out) -> list[str]:
+    """The 20-edit stream the golden weights of `name` came from, into `out`."""
+    model, editor, layers = STREAMS[name]
+    return ["--model", model, "--editor", editor, "--layers", layers,
+            "--data", str(EDIT_DATA), "--num-edits", "20", "--batch-size", "5",
+            "--eval-every", "20", "--output-dir", str(out),
+            "--set", f"anchor.corpus={CORPUS}", "--set", "anchor.n_texts=20",
+            "--set", "values.steps=4", "--set", "values.n_prefixes=1",
+            "--set", "fluency_samples=0"]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_golden(name: str, weights_file) -> None:
+    """The safetensors file `weights_file` holds the golden weights of `name`."""
+    got, want = load_file(str(weights_file)), load_file(str(GOLDEN / f"{name}.safetensors"))
+    assert got.keys() == want.keys()
+    for key in want:
+        if torch.backends.cpu.get_cpu_capability() == GOLDEN_CPU:
+            assert torch.equal(got[key], want[key]), f"{name}: {key} differs"
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_a_20_edit_stream_ends_with_the_weights_of_the_code_before(name, tmp_path, one_thread):
+    run_stream(stream_config(golden_args(name, tmp_path / name)))
+    assert_golden(name, tmp_path / name / "edited_layers.safetensors")
