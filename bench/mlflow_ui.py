@@ -24,7 +24,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.driver import experiment_page
+from pipelines.tracking import experiment_page
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 SERVER_START_SECONDS = 300   # `mlflow ui` imports for a minute on a busy 2-core machine

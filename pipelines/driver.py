@@ -6,38 +6,30 @@ run never strands the user:
   the Ray cluster are checked before anything is written (`check_tracking`, `check_ray`);
 - the log says what the project does, not what its libraries do on every start
   (`setup_logging`);
-- the MLflow tracking store is created safely when several processes start at once
-  (`open_tracking`), experiments are marked as model training, the closing message names
-  the UI page of their runs and charts (`how_to_open`), and a run is only resumed in the
-  store its runs live in (`check_store`);
+- every driver reads its config one way: `--config FILE`, `--set key=value` and flags as
+  shortcuts for keys (`read_config`);
 - a Ray cluster that does not answer is reported within RAY_CONNECT_SECONDS (`join_ray`).
 
-One writer per output folder is `tasks.lock.folder_lock`.
+One writer per output folder is `tasks.lock.folder_lock`; the MLflow side of every
+driver is `pipelines/tracking.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import socket
 import sys
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from urllib.parse import urlsplit
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-from tasks.errors import UserError, check_writable
+from tasks.config import load_yaml, set_override
+from tasks.errors import UserError
 from tasks.lock import LockHeld
 
 log = logging.getLogger("rlsedit.driver")
 RAY_CONNECT_SECONDS = 15.0   # a live head answers in well under a second, even when busy
-TRACKING_CONNECT_SECONDS = 10.0   # MLflow itself retries a dead server for minutes
-# MLflow 3 marks an experiment's kind with this tag: "custom_model_development" is model
-# training ("Machine learning"), not GenAI. The UI opens an experiment on its runs or on
-# traces by this kind where its GenAI/Model-training switch is off; in 3.17 the switch is
-# on and decides alone, so the address `experiment_page` gives sets the switch
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 # Library lines that say nothing a user acts on, by logger and how the line starts; every
@@ -92,6 +84,66 @@ def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line shortcut for a config key: `--<name> VALUE` does what
+    `--set <key>=VALUE` does (the value read as YAML, through `template`)."""
+
+    name: str                  # the flag without dashes, `_` for `-`: num_edits
+    key: str                   # the config key it sets: num_edits, capability.profile
+    help: str | None = None
+    switch: str | None = None  # a flag without a value that sets `key` to this YAML
+    repeat: bool = False       # repeatable; its values (kept as text) make a list
+    template: str = "{}"       # the YAML the value makes: "[{}]" for 4,5,6
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def config_parser(module: str, doc: str, flags: tuple[Flag, ...] = (),
+                  config_help: str = "YAML file of the config's keys",
+                  config_required: bool = False) -> argparse.ArgumentParser:
+    """Every driver's command line: `--config FILE`, `--set KEY=VALUE` (repeatable, applied
+    last) and `flags`, shortcuts for keys; read back with `read_config`."""
+    parser = argument_parser(module, doc)
+    parser.add_argument("--config", required=config_required, help=config_help)
+    for flag in flags:
+        if flag.switch is not None:
+            parser.add_argument(flag.option, dest=flag.name, action="store_true", help=flag.help)
+        else:
+            parser.add_argument(flag.option, dest=flag.name, help=flag.help,
+                                action="append" if flag.repeat else "store")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config key, e.g. stream.num_edits=20 (repeatable)")
+    return parser
+
+
+def read_config(args: argparse.Namespace, flags: tuple[Flag, ...] = ()) -> dict:
+    """The config `config_parser`'s `args` give: the `--config` file's keys, then the
+    flags', then each `--set`."""
+    data = load_yaml(args.config) if args.config else {}
+    for flag in flags:
+        value = getattr(args, flag.name)
+        if value in (None, False):
+            continue
+        if flag.repeat:
+            set_override(data, f"{flag.key}=[]")
+            _node(data, flag.key)[flag.key.split(".")[-1]] = list(value)
+        else:
+            set_override(data, f"{flag.key}={flag.switch or flag.template.format(value)}")
+    for assignment in args.set:
+        set_override(data, assignment)
+    return data
+
+
+def _node(data: dict, key: str) -> dict:
+    """The section of nested `data` that holds dotted `key`'s last part."""
+    for part in key.split(".")[:-1]:
+        data = data[part]
+    return data
+
+
 @contextmanager
 def one_line_errors(argv: list[str] | None = None):
     """Around a driver's `main(argv)`: a user error (`USER_ERRORS`, also when a Ray task or
@@ -106,192 +158,6 @@ def one_line_errors(argv: list[str] | None = None):
         cause = getattr(err, "cause", err)   # a Ray task's error holds the original as cause
         print(f"error: {' '.join(str(cause).split())}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
-
-
-# -- the MLflow tracking store ---------------------------------------------------------
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI, absolute; None for other stores."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix):]).resolve() if uri.startswith(prefix) else None
-
-
-def tracking_store() -> str:
-    """The tracking store in use (MLFLOW_TRACKING_URI or MLflow's default), local paths
-    made absolute so that one store has one name whatever the current folder."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if (path := _sqlite_path(uri)) is not None:
-        return f"sqlite:///{path}"
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def _creation_lock():
-    """A file lock beside a SQLite store: its first use runs MLflow's schema creation,
-    which fails ('table already exists', 'duplicate column') when several processes
-    do it at once. Other stores create themselves safely (a server) or are per-path."""
-    path = _sqlite_path(tracking_store())
-    if path is None:
-        return nullcontext()
-
-    @contextmanager
-    def locked():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(f"{path}.lock", "w")
-        except OSError as err:   # a place `check_tracking` could not tell from outside
-            raise UserError(f"cannot create the MLflow tracking store {path}: {err.strerror}; "
-                            f"{TRACKING_FIX}") from None
-        with f:
-            fcntl.flock(f, fcntl.LOCK_EX)   # released when closed, or when the process dies
-            yield
-
-    return locked()
-
-
-TRACKING_FIX = ("set MLFLOW_TRACKING_URI to sqlite:///PATH (a file you can write), a "
-                "folder, or the http(s):// address of a running MLflow server")
-
-
-def check_tracking(timeout_s: float = TRACKING_CONNECT_SECONDS) -> None:
-    """Before anything is written, a UserError when the tracking store cannot be used: an
-    unknown URI scheme, a local store where nothing can be written, a server that cannot
-    be reached within `timeout_s` (MLflow would retry for minutes). Creates nothing."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-    uri = tracking_store()
-    scheme = urlsplit(uri).scheme
-    try:
-        _tracking_store_registry.get_store_builder(uri)
-    except MlflowException:
-        raise UserError(f"the MLflow tracking store {uri} (MLFLOW_TRACKING_URI) has an unknown "
-                        f"scheme {scheme!r}: {TRACKING_FIX}") from None
-    if (path := _sqlite_path(uri)) is not None or scheme == "file":
-        check_writable(path or Path(urlsplit(uri).path), "the MLflow tracking store",
-                       TRACKING_FIX, folder=path is None)
-    elif scheme in ("http", "https"):
-        if (why := _server_problem(uri, timeout_s)) is not None:
-            raise UserError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) {why}: "
-                            f"start it (mlflow/README.md), or {TRACKING_FIX}")
-
-
-def _server_problem(uri: str, timeout_s: float) -> str | None:
-    """Why the MLflow server at `uri` cannot be used, or None when its health check (every
-    MLflow server's `/health`) answers."""
-    import requests
-
-    try:
-        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
-    except requests.Timeout:
-        return f"does not answer within {timeout_s:.0f} s"
-    except requests.RequestException as err:
-        reason = getattr(err.args[0] if err.args else None, "reason", None) or err
-        return f"cannot be reached ({str(reason).split(': ')[-1][:200]})"
-    if answer.status_code in (401, 403):
-        return (f"refuses access (HTTP {answer.status_code}): set MLFLOW_TRACKING_USERNAME "
-                f"and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
-    if not answer.ok:
-        return f"does not answer as an MLflow server (HTTP {answer.status_code} on /health)"
-    return None
-
-
-def open_tracking(experiment: str | None = None):
-    """Create the tracking store if needed, one process at a time; with `experiment`, make
-    it the active experiment (created if missing, and marked as model training unless it
-    has a kind) and return it."""
-    import mlflow
-
-    with _creation_lock():
-        client = mlflow.MlflowClient()
-        client.search_experiments(max_results=1)   # creates a fresh store
-        if not experiment:
-            return None
-        _mark_kind(client, experiment)
-        return mlflow.set_experiment(experiment)
-
-
-def _mark_kind(client, experiment: str) -> None:
-    """Create `experiment` marked as model training, or mark it if it has no kind."""
-    from mlflow.exceptions import MlflowException
-
-    tag, kind = EXPERIMENT_KIND
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        try:
-            client.create_experiment(experiment, tags={tag: kind})
-        except MlflowException as err:   # another process (a server store) was first
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-    elif tag not in found.tags:
-        client.set_experiment_tag(found.experiment_id, tag, kind)
-
-
-MLFLOW_UI = "http://127.0.0.1:5000"   # where `mlflow ui` serves by default
-
-
-def experiment_page(experiment_id: str, base: str = MLFLOW_UI) -> str:
-    """The address of an experiment's runs in MLflow's chart view. The UI's own switch
-    between "GenAI" and "Model training" (remembered by the browser, GenAI at first)
-    decides what an experiment opens on; the address sets it to model training."""
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?workflowType=machine_learning&compareRunsMode=CHART")
-
-
-def how_to_open(run_id: str) -> str:
-    """Two lines that open MLflow run `run_id`'s experiment: the server, the page."""
-    import mlflow
-
-    store = tracking_store()
-    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    if store.startswith(("http://", "https://")):
-        return f"its charts: {experiment_page(experiment_id, store)}"
-    return (f"open it with: mlflow ui --backend-store-uri {store}\n"
-            f"its charts: {experiment_page(experiment_id)}")
-
-
-def _run_exists(run_id: str) -> bool:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    open_tracking()
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
-        return False
-    return True
-
-
-def check_store(state: dict, run_id: str | None, folder: Path) -> None:
-    """Refuse to resume `folder`, whose resume `state` holds MLflow run `run_id`, in another
-    tracking store than the one that run lives in (`state["tracking_store"]`); record the
-    store in `state` once it is known. State from before stores were recorded is accepted
-    when the store has the run."""
-    if run_id is None:   # nothing logged yet: any store will do
-        return
-    store, recorded = tracking_store(), state.get("tracking_store")
-    if recorded is None:
-        if not _run_exists(run_id):
-            raise UserError(f"{folder} holds MLflow run {run_id}, which the tracking store "
-                            f"{store} does not have: set MLFLOW_TRACKING_URI to the store it "
-                            f"was logged to, or give a new output_dir to start over here")
-        recorded = state["tracking_store"] = store
-    if recorded != store:
-        raise UserError(f"{folder} holds MLflow runs of the tracking store {recorded}, not of "
-                        f"{store}: set MLFLOW_TRACKING_URI={recorded} to go on there, or give "
-                        f"a new output_dir to start over in {store}")
-
-
-def log_file(run_id: str, location, folder: str | None = None) -> None:
-    """Log the file at `location` (a `tasks.storage.Location`: local, or in object storage,
-    fetched for the upload) as an artifact of MLflow run `run_id`, under `folder`."""
-    import mlflow
-
-    with location.local_copy() as path:
-        mlflow.MlflowClient().log_artifact(run_id, str(path), folder)
 
 
 # -- the Ray cluster -------------------------------------------------------------------

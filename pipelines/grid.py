@@ -29,24 +29,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import (argument_parser, check_ray, check_store, check_tracking,
-                              how_to_open, join_ray, log_file, one_line_errors,
-                              open_tracking, setup_logging, tracking_store)
+from pipelines.cell import Cell, CellRecord, open_cell_run, save_json
+from pipelines.driver import (Flag, check_ray, config_parser, join_ray, one_line_errors,
+                              read_config, setup_logging)
 from pipelines.report import comparison_table, write_reports
+from pipelines.tracking import Tracker, check_store, check_tracking, how_to_open, tracking_store
 from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
 from tasks.capability import CapabilityArgs, resolve_suite
-from tasks.config import ConfigError, flatten, from_dict, load_yaml, set_override, to_dict
+from tasks.config import ConfigError, from_dict, to_dict
 from tasks.editors import resolve_editor
 from tasks.errors import UserError
 from tasks.files import workdir_path
 from tasks.lock import folder_lock
 from tasks.models import ensure_dequantised, resolve_spec
 from tasks.neighbours import NeighbourArgs
-from tasks.preflight import check_file, check_output, check_stream
+from tasks.preflight import check_output, check_stream
 from tasks.progress import PROGRESS_SECONDS, Progress, timed
 from tasks.storage import Location
-from tasks.stream import StreamConfig, snapshot_path
+from tasks.stream import StreamConfig
 
 log = logging.getLogger("rlsedit.grid")
 ACTOR_RETRIES, ACTOR_RETRY_SECONDS = 30, 2.0   # calls to an editor actor Ray is restarting
@@ -92,15 +93,6 @@ class GridConfig:
     @property
     def out_dir(self) -> Location:
         return Location(self.output_dir or Path("runs") / f"grid-{self.name}").resolve()
-
-
-@dataclass
-class Cell:
-    name: str
-    model: str
-    editor: str
-    cfg: dict          # StreamConfig as a dict
-    dir: Location
 
 
 def resolve_paths(cfg: GridConfig) -> GridConfig:
@@ -159,7 +151,8 @@ def grid_cells(cfg: GridConfig) -> list[Cell]:
                 cell_dir = cfg.out_dir / "cells" / name
                 stream = {**setting, "model": model, "seed": seed,
                           "output_dir": str(cell_dir), "run_name": name,
-                          "experiment": cfg.experiment}
+                          "experiment": cfg.experiment, "heldout": to_dict(cfg.heldout),
+                          "capability": to_dict(cfg.capability)}
                 stream = to_dict(from_dict(StreamConfig, stream, where="stream."))
                 cells.append(Cell(name, model, label, stream, cell_dir))
     return cells
@@ -186,76 +179,33 @@ def _edit_layers(model: str, cells: list[Cell]) -> list[int]:
     return sorted(layers)
 
 
-def _save_json(path: Location, data) -> None:
-    path.write_text(json.dumps(data, indent=2))
-
-
-def _load_weights(path: Location) -> dict:
-    from safetensors.torch import load_file
-
-    with path.local_copy() as local:
-        return {k: v.numpy() for k, v in load_file(str(local)).items()}
-
-
-def _save_weights(path: Location, weights: dict) -> Location:
-    import torch
-    from safetensors.torch import save_file
-
-    tensors = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
-    path.write_with(lambda tmp: save_file(tensors, str(tmp)))
-    return path
-
-
 def editor_actor_name(parent_run_id: str, cell: Cell) -> str:
     """The Ray name of a cell's editor actor (`ray list actors`), unique per grid run."""
     return f"editor:{parent_run_id[:12]}:{cell.name}"
-
-
-def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
-    """The numeric entries of `metrics` as one MLflow batch at `step`."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float))]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
 
 
 class GridLogger:
     """The grid's MLflow runs: a parent, and a child per cell created on first use."""
 
     def __init__(self, cfg: GridConfig, state: dict):
-        from mlflow import MlflowClient
-
         self.cfg = cfg
         self.state = state
-        self.experiment_id = open_tracking(cfg.experiment).experiment_id
-        self.client = MlflowClient()
+        self.tracker = Tracker(cfg.experiment)
+        self.client = self.tracker.client
         if state.get("parent") is None:
-            run = self.client.create_run(self.experiment_id, run_name=cfg.name)
-            state["parent"] = run.info.run_id
+            state["parent"] = self.tracker.new_run(cfg.name, to_dict(cfg),
+                                                   config_file="grid_config.json")
             state["tracking_store"] = tracking_store()
-            for key, value in flatten(to_dict(cfg)).items():
-                self.client.log_param(state["parent"], key, str(value)[:6000])
-            self.client.log_dict(state["parent"], to_dict(cfg), "grid_config.json")
         self.parent = state["parent"]
 
-    def child(self, cell: Cell, editor_settings: dict, baseline: dict) -> str:
+    def child(self, cell: Cell, baseline: dict) -> str:
         children = self.state.setdefault("children", {})
         if cell.name not in children:
-            run = self.client.create_run(self.experiment_id, run_name=cell.name,
-                                         tags={"mlflow.parentRunId": self.parent})
-            run_id = children[cell.name] = run.info.run_id
-            for key, value in {**flatten(cell.cfg), **flatten(editor_settings, "editor.")}.items():
-                self.client.log_param(run_id, key, str(value)[:6000])
-            self.client.log_dict(run_id, {**cell.cfg, "editor_settings": editor_settings},
-                                 "config.json")
-            self.metrics(run_id, {f"unedited_{k}": v for k, v in baseline.items()}, 0)
+            children[cell.name] = open_cell_run(self.tracker, cell, baseline, self.parent)
         return children[cell.name]
 
     def metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        log_metrics(self.client, run_id, metrics, step)
+        self.tracker.metrics(run_id, metrics, step)
 
     def cell_on_parent(self, cell: Cell, history: list[dict]) -> None:
         """The cell's PARENT_METRICS at every evaluation point, on the parent run."""
@@ -289,19 +239,14 @@ def grid_reports(cfg: GridConfig, cells: list[Cell], summaries: dict[str, dict],
 
 
 def check_inputs(cfg: GridConfig, cells: list[Cell]) -> None:
-    """Before anything is written: every cell's inputs (`tasks.preflight.check_stream`),
-    the held-out corpus, the capability data, the output folder, the tracking store and
-    the Ray cluster to join; a UserError says what to do."""
+    """Before anything is written: every cell's inputs (`tasks.preflight.check_stream`:
+    its evaluator's held-out corpus and capability data too), the output folder, the
+    tracking store and the Ray cluster to join; a UserError says what to do."""
     import ray
 
     checked = set()
     for cell in cells:
         check_stream(from_dict(StreamConfig, cell.cfg), device_here=False, checked=checked)
-    check_file(cfg.heldout.corpus, "held-out corpus", "set heldout.corpus to a "
-               "text<TAB>label file", checked)
-    if cfg.capability.enabled and not Path(cfg.capability.data_dir).is_dir():
-        raise UserError(f"capability.data_dir {cfg.capability.data_dir} is not a folder: set "
-                        f"it to the folder holding the shared data (../shared/data)")
     check_output(cfg.out_dir)
     check_tracking()
     if not ray.is_initialized() and check_ray(cfg.ray_address) is None:
@@ -324,232 +269,211 @@ def run_grid(cfg: GridConfig) -> dict:
     cells = grid_cells(cfg)
     check_inputs(cfg, cells)
     with folder_lock(cfg.out_dir):
-        return _run_locked(cfg, cells)
+        return GridRun(cfg, cells).run()
 
 
-def _run_locked(cfg: GridConfig, cells: list[Cell]) -> dict:
-    import ray
+class GridRun:
+    """One run of a grid on Ray: per model the anchor statistics, evaluators and unedited
+    scores; an editor actor per unfinished cell; then each event (an editor's, an
+    evaluator's scores) handed to its cell's `CellRecord` until every cell is done.
 
-    from tasks.actors import EditorActor, Evaluator
-    from tasks.anchor_ray import ray_anchor_stats
+    Evaluators are called by hand, not through Ray's `ActorPool`: a cell keeps one
+    evaluator (whose cache holds that cell's requests) and the loop waits on the editors'
+    generators and the evaluations together in one `ray.wait`, where an ActorPool waits on
+    its own results only."""
 
-    out = cfg.out_dir
-    state_path = out / "grid_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    check_store(state, state.get("parent"), out)
-    if not ray.is_initialized():
-        join_ray(cfg.ray_address)
-    resources = ray.cluster_resources()
-    use_gpu = resources.get("GPU", 0) >= 1
-    res = cfg.resources
-    check_cpus(cfg, resources.get("CPU", 0))
-    logger = GridLogger(cfg, state)
-    _save_json(state_path, state)
+    def __init__(self, cfg: GridConfig, cells: list[Cell]):
+        self.cfg, self.cells, self.out = cfg, cells, cfg.out_dir
+        self.state_path = self.out / "grid_state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        check_store(self.state, self.state.get("parent"), self.out)
+        self.evaluators, self.baselines, self.anchors = {}, {}, {}
+        self.summaries: dict[str, dict] = {}
+        self.records: dict[str, CellRecord] = {}
+        self.actors, self.generators, self.evals = {}, {}, {}
+        self.evaluator_of, self.failed_calls = {}, {}
 
-    evaluators, baselines, anchors = {}, {}, {}
-    editor_actor = ray.remote(EditorActor)
-    editor_options = {"num_cpus": res.editor_cpus, "num_gpus": 1 if use_gpu else 0,
-                      "max_restarts": res.editor_max_restarts}
-    evaluator_actor = ray.remote(Evaluator).options(
-        num_cpus=res.evaluator_cpus, num_gpus=res.evaluator_gpus if use_gpu else 0,
-        max_restarts=res.evaluator_max_restarts, max_task_retries=res.evaluator_max_restarts)
-    anchor_args = from_dict(AnchorArgs, cfg.stream.get("anchor", {}))
-    for model in cfg.models:
+    def run(self) -> dict:
+        self._join()
+        self.logger = GridLogger(self.cfg, self.state)
+        save_json(self.state_path, self.state)
+        for model in self.cfg.models:
+            self._prepare(model)
+        for i, cell in enumerate(self.cells):
+            self._start(i, cell)
+        self.progress = Progress(f"grid {self.cfg.name}",
+                                 {c.name: c.cfg["num_edits"] for c in self.cells}, log=log)
+        for name in self.summaries:
+            self.progress.found_done(name)
+        self.progress.report(force=True)
+        while self.generators or self.evals:
+            self._next_event()
+        return self._close()
+
+    def _join(self) -> None:
+        """Join the cluster; the actor classes with the resources the config gives them."""
+        import ray
+
+        from tasks.actors import EditorActor, Evaluator
+
+        if not ray.is_initialized():
+            join_ray(self.cfg.ray_address)
+        resources = ray.cluster_resources()
+        use_gpu, res = resources.get("GPU", 0) >= 1, self.cfg.resources
+        check_cpus(self.cfg, resources.get("CPU", 0))
+        self.editor_actor = ray.remote(EditorActor)
+        self.editor_options = {"num_cpus": res.editor_cpus, "num_gpus": 1 if use_gpu else 0,
+                               "max_restarts": res.editor_max_restarts}
+        self.evaluator_actor = ray.remote(Evaluator).options(
+            num_cpus=res.evaluator_cpus, num_gpus=res.evaluator_gpus if use_gpu else 0,
+            max_restarts=res.evaluator_max_restarts,
+            max_task_retries=res.evaluator_max_restarts)
+        self.use_gpu = use_gpu
+
+    def _prepare(self, model: str) -> None:
+        """`model`'s anchor statistics (Ray tasks over corpus shards), evaluators and
+        unedited scores."""
+        import ray
+
+        from tasks.anchor_ray import ray_anchor_stats
+
         ensure_dequantised(model)   # here, where its log is seen, not in every Ray worker
-        layers = _edit_layers(model, cells)
+        layers = _edit_layers(model, self.cells)
+        anchor_args = from_dict(AnchorArgs, self.cfg.stream.get("anchor", {}))
         with timed(log, f"anchor statistics of {model}, layers {layers}"):
-            stats = ray_anchor_stats(model, layers, anchor_args, res.anchor_shards, use_gpu)
-        anchors[model] = ray.put({l: (s.cov.numpy(), s.count) for l, s in stats.items()})
-        logger.client.log_dict(logger.parent, {str(l): {"tokens": s.count,
-                                                        "trace": float(s.cov.trace())}
-                                               for l, s in stats.items()},
-                               f"anchor/{model.replace('/', '_')}.json")
-        evaluators[model] = [evaluator_actor.remote(model) for _ in range(res.evaluators_per_model)]
-        first = next(c for c in cells if c.model == model)
+            stats = ray_anchor_stats(model, layers, anchor_args, self.cfg.resources.anchor_shards,
+                                     self.use_gpu)
+        self.anchors[model] = ray.put({l: (s.cov.numpy(), s.count) for l, s in stats.items()})
+        self.logger.tracker.dict(self.logger.parent, {
+            str(l): {"tokens": s.count, "trace": float(s.cov.trace())} for l, s in stats.items()},
+            f"anchor/{model.replace('/', '_')}.json")
+        self.evaluators[model] = [self.evaluator_actor.remote(model)
+                                  for _ in range(self.cfg.resources.evaluators_per_model)]
+        first = next(c for c in self.cells if c.model == model)
         with timed(log, f"evaluator start-up and unedited scores of {model}"):
-            baselines[model] = ray.get(evaluators[model][0].baseline.remote(
-                first.cfg, to_dict(cfg.heldout), to_dict(cfg.capability)))
+            self.baselines[model] = ray.get(self.evaluators[model][0].baseline.remote(
+                first.cfg, first.cfg["heldout"], first.cfg["capability"]))
 
-    summaries: dict[str, dict] = {}
-    generators, evals, actors, pending = {}, {}, {}, {}
-    for i, cell in enumerate(cells):
+    def _start(self, i: int, cell: Cell) -> None:
+        """Read a finished cell back; start the editor actor of any other."""
         summary_path = cell.dir / "summary.json"
         if summary_path.exists():
-            summaries[cell.name] = json.loads(summary_path.read_text())
-            continue
-        settings = resolve_editor(cell.cfg["editor"], cell.cfg["editor_args"])[2]
-        run_id = logger.child(cell, settings, baselines[cell.model])
-        _save_json(state_path, state)
-        evaluator = evaluators[cell.model][i % len(evaluators[cell.model])]
-        actor = editor_actor.options(**editor_options,
-                                     name=editor_actor_name(logger.parent, cell)).remote(
-            cell.cfg, baselines[cell.model])
-        actors[cell.name] = actor
-        generators[actor.run.remote(anchors[cell.model])] = cell
-        results_path = cell.dir / "evals.json"
-        results = json.loads(results_path.read_text()) if results_path.exists() else {}
-        pending[cell.name] = {"run_id": run_id, "results": results, "speed": {},
-                              "scoring": set(), "done": None, "evaluator": evaluator,
-                              "restarts": 0, "failed_calls": 0}
-    progress = Progress(f"grid {cfg.name}", {c.name: c.cfg["num_edits"] for c in cells}, log=log)
-    for name in summaries:
-        progress.found_done(name)
-    progress.report(force=True)
+            self.summaries[cell.name] = json.loads(summary_path.read_text())
+            return
+        run_id = self.logger.child(cell, self.baselines[cell.model])
+        save_json(self.state_path, self.state)
+        evaluators = self.evaluators[cell.model]
+        self.evaluator_of[cell.name] = evaluators[i % len(evaluators)]
+        self.actors[cell.name] = self.editor_actor.options(
+            **self.editor_options, name=editor_actor_name(self.logger.parent, cell)).remote(
+            cell.cfg, self.baselines[cell.model])
+        self._call_editor(cell)
+        self.records[cell.name] = CellRecord(cell, self.logger.tracker, run_id,
+                                             self.baselines[cell.model])
+        self.failed_calls[cell.name] = 0
 
-    def score(cell: Cell, n: int, snapshot: dict, speed: dict) -> None:
-        """Hand the snapshot after `n` edits to the cell's evaluator; log its speed."""
-        p = pending[cell.name]
-        scored = p["evaluator"].evaluate.remote(cell.cfg, snapshot, n, to_dict(cfg.heldout),
-                                                to_dict(cfg.capability))
-        evals[scored] = (cell, n)
-        p["scoring"].add(n)
-        p["speed"][n] = speed = {k: v for k, v in speed.items() if k != "edits"}
-        logger.metrics(p["run_id"], speed, n)
+    def _call_editor(self, cell: Cell) -> None:
+        self.generators[self.actors[cell.name].run.remote(self.anchors[cell.model])] = cell
 
-    def rescore_after_resume(cell: Cell, event: dict) -> None:
-        """Score the evaluation points a crash left unscored, from the snapshots the editor
-        wrote before each checkpoint."""
-        p = pending[cell.name]
-        for record in event["history"]:
-            n = record["edits"]
-            if str(n) in p["results"] or n in p["scoring"]:
-                continue
-            path = snapshot_path(cell.dir, n)
-            if not path.exists():
-                log.warning("%s: no snapshot after %d edits in %s; that evaluation point "
-                            "stays empty", cell.name, n, cell.dir / "snapshots")
-                continue
-            log.info("%s: scoring the snapshot after %d edits left unscored", cell.name, n)
-            log_file(p["run_id"], path, "snapshots")
-            score(cell, n, _load_weights(path), record)
+    def _next_event(self) -> None:
+        import ray
 
-    def call_again(cell: Cell, item, err: Exception) -> None:
+        ready, _ = ray.wait(list(self.generators) + list(self.evals), num_returns=1,
+                            timeout=PROGRESS_SECONDS)
+        if not ready:   # a long evaluation: say where the grid stands all the same
+            self.progress.report()
+        elif ready[0] in self.evals:
+            self._on_scored(ready[0])
+        else:
+            self._on_editor(ready[0])
+
+    def _score(self, cell: Cell, n: int, snapshot: dict) -> None:
+        """Hand the snapshot after `n` edits to the cell's evaluator."""
+        scored = self.evaluator_of[cell.name].evaluate.remote(
+            cell.cfg, snapshot, n, cell.cfg["heldout"], cell.cfg["capability"])
+        self.evals[scored] = (cell, n)
+
+    def _on_scored(self, item) -> None:
+        import ray
+
+        cell, n = self.evals.pop(item)
+        self.records[cell.name].on_scored(n, ray.get(item))
+        if self.records[cell.name].finished:
+            self._finish(cell)
+
+    def _on_editor(self, item) -> None:
+        import ray
+
+        cell = self.generators[item]
+        try:
+            event = ray.get(next(item))
+        except (ray.exceptions.RayActorError, StopIteration) as err:
+            self._call_again(cell, item, err)
+            return
+        self.failed_calls[cell.name] = 0
+        record = self.records[cell.name]
+        record.on_event(event, lambda n, snapshot: self._score(cell, n, snapshot),
+                        self.progress)
+        if event.get("done"):
+            del self.generators[item]
+            if record.finished:
+                self._finish(cell)
+
+    def _call_again(self, cell: Cell, item, err: Exception) -> None:
         """The cell's editor actor died or is being restarted by Ray (it reloads its
         checkpoint): ask its stream to go on, a few times before giving up."""
-        p = pending[cell.name]
-        del generators[item]
-        p["failed_calls"] += 1
-        if p["failed_calls"] > ACTOR_RETRIES:
+        del self.generators[item]
+        self.failed_calls[cell.name] += 1
+        if self.failed_calls[cell.name] > ACTOR_RETRIES:
             raise RuntimeError(f"the editor actor of {cell.name} is gone ({err}); re-run the "
                                f"grid command to resume from its checkpoint") from err
         log.warning("%s: editor actor unavailable (%s); calling it again from its checkpoint",
                     cell.name, type(err).__name__)
         time.sleep(ACTOR_RETRY_SECONDS)
-        generators[actors[cell.name].run.remote(anchors[cell.model])] = cell
+        self._call_editor(cell)
 
-    def finish(cell: Cell) -> None:
-        p = pending.pop(cell.name)
-        summary = p["done"]
-        history = []
-        for n in sorted(int(k) for k in p["results"]):
-            history.append({"edits": n, **p["results"][str(n)], **p["speed"].get(n, {})})
-        summary["history"] = history
-        summary["final"] = {**history[-1], **summary["final"]}
-        summary["unedited"] = baselines[cell.model]
-        summary["mlflow_run_id"] = p["run_id"]
-        summary["editor_restarts"] = p["restarts"]
-        scores_path = cell.dir / "final_scores.json"
-        summary["final_scores"] = (json.loads(scores_path.read_text())
-                                   if scores_path.exists() else None)
-        _save_json(cell.dir / "summary.json", summary)
-        logger.metrics(p["run_id"], {k: v for k, v in summary["final"].items()
-                                     if k not in history[-1]}, summary["config"]["num_edits"])
-        logger.metrics(p["run_id"], {"skipped_records": len(summary["skipped_records"]),
-                                     "editor_restarts": p["restarts"]}, 0)
-        logger.client.log_dict(p["run_id"], summary, "summary.json")
-        logger.client.set_terminated(p["run_id"])
-        logger.cell_on_parent(cell, history)
-        summaries[cell.name] = summary
-        ray.kill(actors.pop(cell.name))
-        progress.finish(cell.name)
+    def _finish(self, cell: Cell) -> None:
+        import ray
 
-    while generators or evals:
-        ready, _ = ray.wait(list(generators) + list(evals), num_returns=1,
-                            timeout=PROGRESS_SECONDS)
-        if not ready:   # a long evaluation: say where the grid stands all the same
-            progress.report()
-            continue
-        item = ready[0]
-        if item in evals:
-            cell, n = evals.pop(item)
-            p = pending[cell.name]
-            p["results"][str(n)] = metrics = ray.get(item)
-            if "per_request" in metrics:   # the final evaluation's scores per request
-                _save_json(cell.dir / "final_scores.json", metrics.pop("per_request"))
-            p["scoring"].discard(n)
-            _save_json(cell.dir / "evals.json", p["results"])
-            logger.metrics(p["run_id"], metrics, n)
-            log.info("%s at %d edits: efficacy %.3f, retention %.3f", cell.name, n,
-                     metrics["efficacy"], metrics["retention_efficacy"])
-            if p["done"] is not None and not p["scoring"]:
-                finish(cell)
-            continue
-        cell = generators[item]
-        p = pending[cell.name]
-        try:
-            event = ray.get(next(item))
-        except (ray.exceptions.RayActorError, StopIteration) as err:
-            call_again(cell, item, err)
-            continue
-        p["failed_calls"] = 0
-        if event.get("resumed"):
-            if event["restarted"]:
-                p["restarts"] += 1
-                log.warning("%s: editor actor restarted by Ray, at edit %d", cell.name,
-                            event["edits"])
-            progress.resume(cell.name, event["edits"])
-            rescore_after_resume(cell, event)
-        elif event.get("progress"):
-            progress.update(cell.name, event["edits"])
-        elif event.get("done"):
-            del generators[item]
-            p["done"] = event["summary"]
-            log_file(p["run_id"], _save_weights(cell.dir / "edited_layers.safetensors",
-                                                event["edited"]))
-            if not p["scoring"]:
-                finish(cell)
-        else:
-            n = event["edits"]
-            progress.update(cell.name, n)
-            path = snapshot_path(cell.dir, n)
-            if not path.exists():   # the editor runs on a node without this file system
-                _save_weights(path, event["snapshot"])
-            log_file(p["run_id"], path, "snapshots")
-            score(cell, n, event["snapshot"], event["speed"])
+        summary = self.records.pop(cell.name).finish()
+        self.logger.cell_on_parent(cell, summary["history"])
+        self.summaries[cell.name] = summary
+        ray.kill(self.actors.pop(cell.name))
+        self.progress.finish(cell.name)
 
-    for handles in evaluators.values():
-        for handle in handles:
-            ray.kill(handle)
-    ordered = {c.name: summaries[c.name] for c in cells}
-    table = "\n\n".join(f"{model}:\n\n" + comparison_table(
-        {c.name: summaries[c.name] for c in cells if c.model == model}) for model in cfg.models)
-    grid_reports(cfg, cells, summaries, logger)
-    (out / "comparison.md").write_text(table + "\n")
-    logger.client.log_text(logger.parent, table, "comparison.md")
-    logger.final_table(cells, summaries)
-    result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
-              "cells": ordered, "config": to_dict(cfg)}
-    logger.client.log_dict(logger.parent, result, "grid_summary.json")
-    logger.client.set_terminated(logger.parent)
-    _save_json(out / "grid_summary.json", result)
-    if cfg.output_json:
-        _save_json(Location(cfg.output_json), result)
-    return result
+    def _close(self) -> dict:
+        """Evaluators stopped; the comparison table, reports and summary written and
+        logged on the parent run; the grid's result."""
+        import ray
+
+        for handles in self.evaluators.values():
+            for handle in handles:
+                ray.kill(handle)
+        cfg, cells, summaries, logger = self.cfg, self.cells, self.summaries, self.logger
+        table = "\n\n".join(f"{model}:\n\n" + comparison_table(
+            {c.name: summaries[c.name] for c in cells if c.model == model})
+            for model in cfg.models)
+        grid_reports(cfg, cells, summaries, logger)
+        (self.out / "comparison.md").write_text(table + "\n")
+        logger.client.log_text(logger.parent, table, "comparison.md")
+        logger.final_table(cells, summaries)
+        result = {"grid": cfg.name, "parent_run_id": logger.parent, "table": table,
+                  "cells": {c.name: summaries[c.name] for c in cells}, "config": to_dict(cfg)}
+        logger.tracker.dict(logger.parent, result, "grid_summary.json")
+        logger.tracker.end(logger.parent)
+        save_json(self.out / "grid_summary.json", result)
+        if cfg.output_json:
+            save_json(Location(cfg.output_json), result)
+        return result
+
+
+FLAGS = (Flag("output_json", "output_json", "write the summary table and cells here"),)
 
 
 def parse_args(argv=None) -> GridConfig:
-    parser = argument_parser("pipelines.grid", __doc__)
-    parser.add_argument("--config", required=True, help="grid YAML (pipelines/configs/)")
-    parser.add_argument("--output-json", help="write the summary table and cells here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a grid key, e.g. stream.num_edits=20 (repeatable)")
-    args = parser.parse_args(argv)
-    data = load_yaml(args.config)
-    if args.output_json:
-        data["output_json"] = args.output_json
-    for assignment in args.set:
-        set_override(data, assignment)
-    return resolve_paths(from_dict(GridConfig, data))
+    parser = config_parser("pipelines.grid", __doc__, FLAGS,
+                           config_help="grid YAML (pipelines/configs/)", config_required=True)
+    return resolve_paths(from_dict(GridConfig, read_config(parser.parse_args(argv), FLAGS)))
 
 
 def main(argv=None) -> None:

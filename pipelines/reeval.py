@@ -28,11 +28,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.driver import (argument_parser, check_tracking, join_ray, one_line_errors,
-                              open_tracking, setup_logging, tracking_store)
-from pipelines.grid import log_metrics
+from pipelines.driver import (Flag, config_parser, join_ray, one_line_errors, read_config,
+                              setup_logging)
+from pipelines.tracking import check_tracking, log_metrics, open_tracking, tracking_store
 from tasks.capability import CapabilityArgs, resolve_suite
-from tasks.config import ConfigError, from_dict, load_yaml, set_override, to_dict
+from tasks.config import ConfigError, from_dict, to_dict
 from tasks.errors import UserError
 from tasks.files import workdir_path
 from tasks.lock import lock_file, machine_lock_path
@@ -147,7 +147,9 @@ def load_snapshot(client, job: Job) -> dict:
 
 class Evaluators:
     """`tasks.actors.Evaluator`s per model: Ray actors, or plain objects in this process.
-    `submit` starts a call, `next_result` returns one that has finished."""
+    `submit` starts a call, `next_result` returns one that has finished with the job it
+    was for. Not Ray's `ActorPool`: its unordered results come back without the job they
+    belong to, and one pool per model could not be waited on together."""
 
     def __init__(self, models: list[str], cfg: ReevalConfig):
         from tasks.actors import Evaluator
@@ -283,32 +285,18 @@ def _run_locked(cfg: ReevalConfig, max_in_flight: int) -> dict:
     return {"scored": scored}
 
 
+FLAGS = (Flag("experiment", "experiment"),
+         Flag("run_id", "run_ids", "a run to re-evaluate (repeatable)", repeat=True),
+         Flag("first_k", "first_k"),
+         Flag("capability", "capability.profile", "also score this suite (cpu, full)"),
+         Flag("last_only", "last_only", "only each run's latest snapshot", switch="true"),
+         Flag("no_ray", "use_ray", "score in this process", switch="false"))
+
+
 def parse_args(argv=None) -> ReevalConfig:
-    parser = argument_parser("pipelines.reeval", __doc__)
-    parser.add_argument("--config", help="a ReevalConfig YAML (optional)")
-    parser.add_argument("--experiment")
-    parser.add_argument("--run-id", action="append", dest="run_ids")
-    parser.add_argument("--first-k", type=int)
-    parser.add_argument("--capability", metavar="PROFILE", help="also score this suite (cpu, full)")
-    parser.add_argument("--last-only", action="store_true", help="only each run's latest snapshot")
-    parser.add_argument("--no-ray", action="store_true", help="score in this process")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key, e.g. capability.limit=50 (repeatable)")
-    args = parser.parse_args(argv)
-    data = load_yaml(args.config) if args.config else {}
-    for key, value in (("experiment", args.experiment), ("run_ids", args.run_ids),
-                       ("first_k", args.first_k)):
-        if value is not None:
-            data[key] = value
-    if args.capability:
-        data.setdefault("capability", {})["profile"] = args.capability
-    if args.no_ray:
-        data["use_ray"] = False
-    if args.last_only:
-        data["last_only"] = True
-    for assignment in args.set:
-        set_override(data, assignment)
-    cfg = from_dict(ReevalConfig, data)
+    parser = config_parser("pipelines.reeval", __doc__, FLAGS,
+                           config_help="a ReevalConfig YAML (optional)")
+    cfg = from_dict(ReevalConfig, read_config(parser.parse_args(argv), FLAGS))
     if cfg.first_k < 1:
         raise ConfigError(f"first_k must be at least 1, got {cfg.first_k}")
     resolve_suite(cfg.capability)   # an unknown profile or task fails before any work

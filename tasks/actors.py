@@ -45,15 +45,21 @@ class HeldoutArgs:
     max_tokens: int = 128
 
 
+def _in_actor() -> bool:
+    """Whether this object lives in a Ray actor (not a plain object in a driver, which may
+    have joined a cluster all the same)."""
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def _use_threads() -> None:
-    if not ray.is_initialized():   # used as a plain object outside Ray: keep torch's default
+    if not _in_actor():   # a plain object: keep torch's default
         return
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(round(cpus))))
 
 
 def _device() -> str:
-    if not ray.is_initialized():
+    if not _in_actor():
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
 
@@ -68,7 +74,8 @@ class EditorActor:
 
     def __init__(self, cfg: dict, baseline: dict):
         _use_threads()
-        self.config = from_dict(StreamConfig, {**cfg, "device": _device()})
+        device = _device() if _in_actor() else cfg.get("device", "auto")
+        self.config = from_dict(StreamConfig, {**cfg, "device": device})
         self.baseline = baseline
         self.stream: EditStream | None = None
         # True in an actor Ray restarted after it died (max_restarts): the stream goes on
@@ -77,14 +84,16 @@ class EditorActor:
         self.restarted = bool(context and context.get_actor_id()
                               and context.was_current_actor_reconstructed)
 
-    def _open(self, anchor: dict[int, tuple[np.ndarray, int]]) -> EditStream:
-        stats = {int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
-                 for l, (cov, count) in anchor.items()}
+    def _open(self, anchor: dict[int, tuple[np.ndarray, int]] | None) -> EditStream:
+        stats = None if anchor is None else {
+            int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
+            for l, (cov, count) in anchor.items()}
         return EditStream(self.config, anchor=stats, baseline=self.baseline)
 
-    def run(self, anchor: dict[int, tuple[np.ndarray, int]]):
+    def run(self, anchor: dict[int, tuple[np.ndarray, int]] | None):
         """Streams the cell with `anchor` {layer: (K0ᵀK0 [d_k, d_k], token count)} (used
-        when the stream is built, at the first call). Yields, in order:
+        when the stream is built, at the first call; None: the stream's own, from the disk
+        cache or computed here). Yields, in order:
         - when the stream continues from a checkpoint, first {"resumed": True, "restarted",
           "edits", "history"}: whether Ray restarted this actor, and the evaluation points
           passed before (with their speed records), whose snapshots are on disk, so the
@@ -123,10 +132,12 @@ class Evaluator:
     """A base model that scores snapshots of edited layers. Usable as a Ray actor or as a
     plain object (`pipelines.reeval` without a cluster)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, device: str | None = None):
+        """`device`: where to load the model (default: the GPU Ray assigned, else the CPU;
+        outside Ray, a GPU when there is one)."""
         _use_threads()
         self.model_name = model
-        self.lm = load_model(model, device=_device())
+        self.lm = load_model(model, device=device or _device())
         self._requests: dict[str, list] = {}
         self._heldout: dict[str, list[str]] = {}
         self._suites: dict[str, CapabilitySuite] = {}

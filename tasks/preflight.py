@@ -2,13 +2,17 @@
 (no run folder, no MLflow run), so a mistake costs seconds, not a model load or a half-made
 run: the names (model, editor and its settings, edit layers where the model's size is
 known), the device, every record of the edit data (parsed, lengths capped, enough of them
-from `offset`), the corpus files and the output folder. A failure is a UserError that
+from `offset`), the corpus files, what the evaluator reads (held-out texts, the
+capability suite) and the output folder. A failure is a UserError that
 says what to do. The checks against the model's tokenizer follow once it is loaded
 (`tasks.stream.stream_requests`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tasks.anchor import CORPUS_FIX
+from tasks.config import from_dict
 from tasks.data import load_requests
 from tasks.editors import resolve_editor
 from tasks.errors import UserError, brief, check_writable, read_user_text
@@ -39,7 +43,24 @@ def check_stream(cfg: StreamConfig, device_here: bool = True,
     check_file(cfg.anchor.corpus, "anchor corpus", CORPUS_FIX, checked)
     if cfg.neighbours.pool:
         check_file(cfg.neighbours.pool, "neighbour pool", POOL_FIX, checked)
+    check_evaluation(cfg, checked)
     check_output(cfg.out_dir)
+
+
+def check_evaluation(cfg: StreamConfig, checked: set) -> None:
+    """What the evaluator reads besides the edits: the held-out corpus, and the capability
+    suite's tasks and data folder."""
+    from tasks.actors import HeldoutArgs
+    from tasks.capability import CapabilityArgs, resolve_suite
+
+    heldout = from_dict(HeldoutArgs, cfg.heldout, where="heldout.")
+    check_file(heldout.corpus, "held-out corpus", "set heldout.corpus to a text<TAB>label file",
+               checked)
+    capability = from_dict(CapabilityArgs, cfg.capability, where="capability.")
+    resolve_suite(capability)   # an unknown profile or local task fails here
+    if capability.enabled and not Path(capability.data_dir).is_dir():
+        raise UserError(f"capability.data_dir {capability.data_dir} is not a folder: set it "
+                        f"to the folder holding the shared data (../shared/data)")
 
 
 def check_file(path: str, what: str, fix: str, checked: set) -> None:

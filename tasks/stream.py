@@ -71,6 +71,11 @@ class StreamConfig:
     keys: KeyArgs = field(default_factory=KeyArgs)
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
     neighbours: NeighbourArgs = field(default_factory=NeighbourArgs)
+    # what the evaluator scores besides the edits (`tasks.actors.Evaluator`): held-out
+    # perplexity (HeldoutArgs keys) and the lm-eval suite (CapabilityArgs keys; none unless
+    # a profile or tasks are named)
+    heldout: dict = field(default_factory=dict)
+    capability: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("num_edits", "batch_size", "eval_every", "checkpoint_every"):
@@ -171,7 +176,8 @@ PAIRED_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd
 # Settings that change what is logged, not the edits: a run may resume with other values.
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
-                 "fluency_samples", "fluency_tokens", "neighbours", "max_text_chars")
+                 "fluency_samples", "fluency_tokens", "neighbours", "max_text_chars",
+                 "heldout", "capability")
 
 
 def config_digest(cfg: StreamConfig) -> str:

@@ -298,7 +298,7 @@ def test_a_tracking_server_must_answer_its_health_check(monkeypatch):
     import http.server
     import threading
 
-    from pipelines.driver import check_tracking
+    from pipelines.tracking import check_tracking
     from tasks.errors import UserError
 
     class Server(http.server.BaseHTTPRequestHandler):

@@ -15,7 +15,8 @@ import time
 import mlflow
 import pytest
 
-from pipelines.driver import UserError, check_store, join_ray, no_answer, tracking_store
+from pipelines.driver import UserError, join_ray, no_answer
+from pipelines.tracking import check_store, tracking_store
 from tasks.lock import LOCK_NAME
 from tests.conftest import ROOT
 from tests.pipelines.test_edit_stream import tiny_args
@@ -25,7 +26,7 @@ from tests.test_lock import hold
 STARTER = """
 import pathlib, sys, time
 import mlflow
-from pipelines.driver import open_tracking
+from pipelines.tracking import open_tracking
 go = pathlib.Path(sys.argv[1])
 (go.parent / f"ready-{sys.argv[2]}").touch()
 while not go.exists():
@@ -117,7 +118,7 @@ def test_a_second_driver_is_refused_at_once_in_one_line(driver, tmp_path, capsys
 
 
 def test_a_run_resumes_only_in_the_store_that_holds_it(tmp_path, monkeypatch):
-    from pipelines.driver import open_tracking
+    from pipelines.tracking import open_tracking
 
     run_id = mlflow.MlflowClient().create_run(open_tracking("stores").experiment_id).info.run_id
     store = tracking_store()
@@ -139,7 +140,7 @@ def test_a_run_resumes_only_in_the_store_that_holds_it(tmp_path, monkeypatch):
 
 
 def test_experiments_are_marked_as_model_training_unless_they_have_a_kind():
-    from pipelines.driver import open_tracking
+    from pipelines.tracking import open_tracking
 
     client = mlflow.MlflowClient()
     assert open_tracking("kinded").tags["mlflow.experimentKind"] == "custom_model_development"
@@ -165,7 +166,7 @@ def test_library_chatter_is_dropped_and_everything_else_of_its_loggers_kept(capl
 
 
 def test_the_closing_message_names_the_chart_view_of_the_experiment():
-    from pipelines.driver import how_to_open, open_tracking
+    from pipelines.tracking import how_to_open, open_tracking
 
     experiment = open_tracking("closing")
     run_id = mlflow.MlflowClient().create_run(experiment.experiment_id).info.run_id

@@ -144,7 +144,7 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, 
     assert run_reeval(reeval_args(argv))["scored"] == []
 
     # a re-run against another tracking store (a move to a server) is refused in one line
-    from pipelines.driver import UserError, tracking_store
+    from pipelines.tracking import UserError, tracking_store
 
     store, other = tracking_store(), tmp_path / "other" / "mlflow.db"
     assert json.loads((tmp_path / "grid" / "grid_state.json").read_text())[

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from bench.mlflow_ui import browser, mlflow_ui, render
-from pipelines.driver import experiment_page, tracking_store
+from pipelines.tracking import experiment_page, tracking_store
 from pipelines.grid import Cell, GridConfig, GridLogger
 
 pytestmark = pytest.mark.skipif(browser() is None, reason="no chromium on PATH")

@@ -58,3 +58,37 @@ def assert_golden(name: str, weights_file) -> None:
 def test_a_20_edit_stream_ends_with_the_weights_of_the_code_before(name, tmp_path, one_thread):
     run_stream(stream_config(golden_args(name, tmp_path / name)))
     assert_golden(name, tmp_path / name / "edited_layers.safetensors")
+
+
+def test_a_stream_and_a_grid_cell_of_one_config_log_the_same_and_end_alike(
+        local_ray, tmp_path, one_thread):
+    """The stream (a local cell) and a grid cell on Ray (one editor thread) of the golden
+    config log the same metric names, perplexity included, and end with the golden
+    weights. The stream runs first, so both read the same cached anchor statistics."""
+    import mlflow
+    import yaml
+
+    from pipelines.grid import parse_args as grid_config, run_grid
+
+    name = "tiny-llama-rlsedit"
+    stream = run_stream(stream_config(golden_args(name, tmp_path / "stream")))
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "one-path", "models": ["tiny-llama"], "editors": ["rlsedit"],
+        "output_dir": str(tmp_path / "grid"), "heldout": {"corpus": str(CORPUS)},
+        "resources": {"editor_cpus": 1, "evaluator_cpus": 0.5},
+        "stream": {"data": str(EDIT_DATA), "num_edits": 20, "batch_size": 5, "eval_every": 20,
+                   "layers": [1], "fluency_samples": 0,
+                   "anchor": {"corpus": str(CORPUS), "n_texts": 20},
+                   "values": {"steps": 4, "n_prefixes": 1}}}))
+    cell = run_grid(grid_config(["--config", str(config)]))["cells"]["tiny-llama-rlsedit-s0"]
+
+    def metric_names(run_id: str) -> set[str]:
+        return set(mlflow.MlflowClient().get_run(run_id).data.metrics)
+
+    logged = metric_names(stream["mlflow_run_id"])
+    assert logged == metric_names(cell["mlflow_run_id"])
+    assert {"perplexity", "unedited_perplexity", "efficacy", "anchor_deviation"} <= logged
+    assert stream["final"].keys() == cell["final"].keys()
+    assert_golden(name, tmp_path / "grid" / "cells" / "tiny-llama-rlsedit-s0"
+                  / "edited_layers.safetensors")
