@@ -1,5 +1,7 @@
-"""Every editor on one model and the same sequential edits: the grid
-pipelines/configs/compare-editors.yaml, its table and the metrics at each evaluation point.
+"""Every editor on one model and the same sequential edits, as one grid.
+
+The grid is pipelines/configs/compare-editors.yaml; this prints its table and the metrics
+at each evaluation point.
 
     python -m bench.compare_editors --append
     python -m bench.compare_editors --set stream.num_edits=1000 --set stream.eval_every=250 \\

@@ -81,12 +81,15 @@ def main(argv=None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a sweep's grid YAML (pipelines/configs/)")
     source.add_argument("--grid", nargs="+", help="points: editor:key=value,... or layer:lam:mu")
-    parser.add_argument("--num-edits", type=int, default=100, help="with --grid")
-    parser.add_argument("--model", default="smollm2-135m", help="with --grid")
+    parser.add_argument("--num-edits", type=int, help="with --grid (default 100)")
+    parser.add_argument("--model", help="with --grid (default smollm2-135m)")
     opts, grid_argv = parser.parse_known_args(argv)
+    if opts.config and (opts.num_edits or opts.model):
+        parser.error("--num-edits and --model go with --grid; with --config, --set them")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as generated:
         if opts.grid:
-            json.dump(tune_config(opts.grid, opts.model, opts.num_edits), generated)
+            json.dump(tune_config(opts.grid, opts.model or "smollm2-135m",
+                                  opts.num_edits or 100), generated)
             generated.flush()
         result = run(["--config", opts.config or generated.name, *grid_argv], check_train)
     record(result, "bench.tune_on_train", argv, f"Tuning, {describe(result)}",

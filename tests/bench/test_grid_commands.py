@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from bench import compare_editors, docs, report_stream, tune_on_train
+from bench.grid_command import CONFIGS
 from tests.conftest import ROOT
 from tests.pipelines.test_grid import smoke_args
 
@@ -75,3 +76,16 @@ def test_tune_on_train_runs_points_as_variants_and_refuses_the_edit_set(
     with pytest.raises(SystemExit):
         tune_on_train.main([*args[:-1], *edit_set])
     assert "tuning edits only counterfact-train.json" in capsys.readouterr().err
+
+
+def test_the_comparison_config_has_every_editor_and_tuning_refuses_it():
+    from pipelines.grid import parse_args
+    from tasks.editors import editor_registry
+    from tasks.errors import UserError
+
+    compare = parse_args(["--config", str(CONFIGS / "compare-editors.yaml")])
+    assert compare.editors == list(editor_registry())
+    assert compare.stream["data"].endswith("/counterfact-edit.json")
+    with pytest.raises(UserError, match="tuning edits only counterfact-train.json"):
+        tune_on_train.check_train(compare)
+    tune_on_train.check_train(parse_args(["--config", str(CONFIGS / "fidelity-sweep-2.yaml")]))
