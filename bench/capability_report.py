@@ -1,7 +1,9 @@
-"""Capability suite and early-edit retention of every editor's final weights in a
-`bench.compare_editors` folder, through `pipelines.reeval`, as one table.
+"""Capability suite and early-edit retention of every cell's final weights in a grid's
+output folder (`pipelines/configs/compare-editors.yaml`: runs/grid-compare-editors), or of
+every editor in a folder of the former `bench.compare_editors` streams, through
+`pipelines.reeval`, as one table.
 
-    python -m bench.capability_report --compare-dir runs/compare-smollm2-135m-n1000 --append
+    python -m bench.capability_report --compare-dir runs/grid-compare-editors --append
 
 Each editor's stream run (MLflow) gets the suite's `cap.*` scores and the retention of its
 first k edits on its final weights (what reeval has not scored yet; `--all-snapshots`:
@@ -30,7 +32,7 @@ def last_value(client, run_id: str, key: str, step: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--compare-dir", required=True)
+    parser.add_argument("--compare-dir", required=True, help="a grid's output folder")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--limit", type=int, default=None, help="documents per task")
     parser.add_argument("--first-k", type=int, default=100)
@@ -39,10 +41,11 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     from mlflow import MlflowClient
 
-    summaries = {p.parent.name: json.loads(p.read_text())
-                 for p in sorted(Path(opts.compare_dir).glob("*/summary.json"))}
+    folder = Path(opts.compare_dir)
+    paths = sorted(folder.glob("cells/*/summary.json")) or sorted(folder.glob("*/summary.json"))
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in paths}
     if not summaries:
-        sys.exit(f"no <editor>/summary.json under {opts.compare_dir}")
+        sys.exit(f"no cells/<cell>/summary.json or <editor>/summary.json under {folder}")
     capability = CapabilityArgs(profile=opts.profile, limit=opts.limit)
     tic = time.perf_counter()
     run_reeval(ReevalConfig(run_ids=[s["mlflow_run_id"] for s in summaries.values()],

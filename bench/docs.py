@@ -3,14 +3,16 @@ it (as it was typed) with the setting it ran in, and the tables."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 DOCS = "docs/benchmarks.md"
 
 
 def command_line(module: str, argv=None) -> str:
-    """`python -m <module> <args>` as this process was called (or with `argv`)."""
-    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    """`python -m <module> <args>` as this process was called (or with `argv`), quoted so
+    that it runs as it reads."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def append_section(heading: str, command: str, setting: str, body: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.docs import append_section, command_line
 from tasks.data import load_requests
 from tasks.extract.hooks import first_tensor
 from tasks.extract.keys import group_mean
@@ -93,14 +94,14 @@ def time_variant(name, lm, layer, requests, templates, batch_size, args):
     return total / len(requests)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
     parser.add_argument("--edits", type=int, default=20)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--append", action="store_true")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     torch.manual_seed(0)
     lm = load_model(opts.model)
     layer = lm.spec.edit_layers[-1]
@@ -129,12 +130,10 @@ def main():
     text = "\n".join(table)
     print(text)
     if opts.append:
-        with open(Path("docs/benchmarks.md"), "a") as f:
-            f.write(f"\n### Target-value optimisation, {opts.model}, {opts.edits} edits of "
-                    f"counterfact-train.json ({platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads)\n\n"
-                    f"`python -m bench.profile_values --model {opts.model} --edits {opts.edits} "
-                    f"--batch-sizes {' '.join(map(str, opts.batch_sizes))} --append`\n\n{text}\n")
+        append_section(f"Target-value optimisation, {opts.model}, {opts.edits} edits of "
+                       f"{Path(opts.data).name}", command_line("bench.profile_values", argv),
+                       f"{platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads", text)
 
 
 def _no_prefix(batch, real_split):

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.docs import append_section, command_line
+
 
 def time_anchor(opts, workers: int) -> float:
     from tasks.anchor import AnchorArgs
@@ -68,7 +70,7 @@ def time_grid(opts, out: Path) -> float:
     return time.perf_counter() - tic
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--editor", default="rlsedit")
@@ -76,7 +78,7 @@ def main():
     parser.add_argument("--edits", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--append", action="store_true")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
 
     import ray
 
@@ -89,9 +91,6 @@ def main():
     ray.shutdown()
 
     lines = [
-        f"\n### Ray pipeline, {opts.model} ({platform.machine()}, {os.cpu_count()} cores)\n",
-        f"`python -m bench.ray_pipeline --model {opts.model} --anchor-texts {opts.anchor_texts} "
-        f"--edits {opts.edits} --append`\n",
         "| measurement | wall time (s) | ratio |", "|---|---|---|",
         f"| anchor statistics, {opts.anchor_texts} texts, 1 Ray worker | {anchor[1]:.1f} | 1.00 |",
         f"| anchor statistics, {opts.anchor_texts} texts, 2 Ray workers | {anchor[2]:.1f} | "
@@ -100,11 +99,11 @@ def main():
         f"| {opts.editor}, {opts.edits} edits, one grid cell on Ray | {grid:.1f} | "
         f"{grid / single:.2f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    table = "\n".join(lines)
+    print(table)
     if opts.append:
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(text)
+        append_section(f"Ray pipeline, {opts.model}", command_line("bench.ray_pipeline", argv),
+                       f"{platform.machine()}, {os.cpu_count()} cores", table)
 
 
 if __name__ == "__main__":

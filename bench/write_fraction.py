@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from bench.docs import append_section, command_line
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.data import load_requests
 from tasks.extract.keys import compute_keys
@@ -23,7 +24,7 @@ from tasks.models import load_model
 GRID = [(1.0, 0.01), (1.0, 0.003), (1.0, 0.001), (1.0, 0.0003), (1.0, 0.0001)]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
@@ -31,7 +32,7 @@ def main():
     parser.add_argument("--checkpoint", nargs="*", default=[],
                         help="edit-stream checkpoints whose current P to evaluate too")
     parser.add_argument("--append", action="store_true")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     lm = load_model(opts.model)
     layer = lm.spec.edit_layers[-1]
     values = ValueArgs()
@@ -60,12 +61,9 @@ def main():
     print(note)
     print(table)
     if opts.append:
-        with open("docs/benchmarks.md", "a") as f:
-            f.write(f"\n### Share of each edit that one RLS update writes, {opts.model}\n\n"
-                    f"`python -m bench.write_fraction --edits {opts.edits}"
-                    f"{' --checkpoint ' + ' '.join(opts.checkpoint) if opts.checkpoint else ''}"
-                    f" --append`: {note}.\n\n"
-                    f"{table}\n")
+        append_section(f"Share of each edit that one RLS update writes, {opts.model}",
+                       command_line("bench.write_fraction", argv), "this machine",
+                       f"{note}.\n\n{table}")
 
 
 if __name__ == "__main__":
