@@ -178,20 +178,10 @@ class Evaluator:
     @contextmanager
     def _weights(self, snapshot: dict[str, np.ndarray]):
         """The base model with `snapshot`'s layers written in, restored on exit."""
-        params = dict(self.lm.model.named_parameters())
-        unknown = [name for name in snapshot if name not in params]
-        if unknown:
-            raise KeyError(f"snapshot layers {unknown} are not parameters of {self.model_name}")
-        original = {name: params[name].detach().clone() for name in snapshot}
-        try:
-            with torch.no_grad():
-                for name, weight in snapshot.items():
-                    params[name].copy_(torch.from_numpy(np.array(weight)))  # a writable copy
+        weights = {name: torch.from_numpy(np.array(weight))   # a writable copy
+                   for name, weight in snapshot.items()}
+        with self.lm.layers_loaded(weights):
             yield
-        finally:
-            with torch.no_grad():
-                for name, weight in original.items():
-                    params[name].copy_(weight)
 
     @torch.no_grad()
     def evaluate(self, cfg: dict, snapshot: dict[str, np.ndarray], n_done: int,
