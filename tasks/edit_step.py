@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data import EditRequest
+from tasks.editors.base import Editor
 from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
@@ -53,7 +54,7 @@ class EditBatchError(ValueError):
     """A batch the editor refused (NaN/Inf keys or values, a lost positive definiteness)."""
 
 
-def apply_edit_batch(lm, editor, requests: list[EditRequest], templates: list[str],
+def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates: list[str],
                      layers: tuple[int, ...], value_args: ValueArgs,
                      key_args: KeyArgs | None = None) -> dict:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:

@@ -9,11 +9,12 @@ import yaml
 
 from tasks.config import ConfigError, from_dict, to_dict
 from tasks.editors.alphaedit import AlphaEditArgs, AlphaEditEditor
+from tasks.editors.base import Editor
 from tasks.editors.ft import FTArgs, FTEditor
 from tasks.editors.memit import MEMITArgs, MEMITEditor
 from tasks.editors.rls import RLSArgs, RLSEditor
 
-KINDS = {
+KINDS: dict[str, tuple[type[Editor], type]] = {
     "rls": (RLSEditor, RLSArgs),
     "memit": (MEMITEditor, MEMITArgs),
     "alphaedit": (AlphaEditEditor, AlphaEditArgs),
@@ -39,7 +40,8 @@ def resolve_editor(name: str, overrides: dict | None = None):
     return editor_cls, args, {"name": name, "kind": kind, **to_dict(args)}
 
 
-def build_editor(name: str, weights: dict, anchors: dict, overrides: dict | None = None):
+def build_editor(name: str, weights: dict, anchors: dict,
+                 overrides: dict | None = None) -> Editor:
     """Editor `name` on `weights` {layer: W0 [d_k, d_v]} and `anchors` {layer: AnchorStats}."""
     editor_cls, args, _ = resolve_editor(name, overrides)
     return editor_cls(weights, anchors, args)
