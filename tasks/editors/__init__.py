@@ -3,6 +3,8 @@ its hyper-parameters; `build_editor` turns a name (plus overrides) into a ready 
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import yaml
@@ -23,8 +25,15 @@ KINDS: dict[str, tuple[type[Editor], type]] = {
 REGISTRY_PATH = Path(__file__).with_name("editors.yaml")
 
 
-def editor_registry() -> dict[str, dict]:
+@functools.cache
+def _parsed_registry() -> dict[str, dict]:
     return yaml.safe_load(REGISTRY_PATH.read_text())
+
+
+def editor_registry() -> dict[str, dict]:
+    """{editor name: its settings} of editors.yaml, read once per process: each call
+    hands out a copy of its own, free to change."""
+    return copy.deepcopy(_parsed_registry())
 
 
 def resolve_editor(name: str, overrides: dict | None = None):
