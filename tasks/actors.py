@@ -29,6 +29,7 @@ import torch
 from tasks.anchor import AnchorStats, read_corpus
 from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
+from tasks.corpus import HELDOUT_START
 from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
 from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
@@ -40,7 +41,7 @@ class HeldoutArgs:
     """Held-out text for perplexity: texts of `corpus` after those the anchors read."""
 
     corpus: str = "../shared/data/agnews/test.tsv"
-    offset: int = 7000
+    offset: int = HELDOUT_START
     n_texts: int = 100
     max_tokens: int = 128
 
