@@ -20,7 +20,7 @@ from bench.sweep_report import read_cells
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.config import from_dict
 from tasks.data import load_requests
-from tasks.edit_step import apply_edit_batch, layer_weight
+from tasks.edit_step import apply_edit_batch
 from tasks.editors.budget import DeviationPredictor
 from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import make_context_templates
@@ -53,7 +53,7 @@ def prediction_row(name: str, summary: dict) -> list[str]:
     values = from_dict(ValueArgs, cfg["values"])
     templates = make_context_templates(lm, values.n_prefixes, values.prefix_tokens, cfg["seed"])
     requests = load_requests(cfg["data"], limit=cfg["batch_size"], offset=cfg["offset"])
-    recorder = FirstBatchRecorder({layer: layer_weight(lm, layer)})
+    recorder = FirstBatchRecorder({layer: lm.edit_weight(layer)})
     apply_edit_batch(lm, recorder, requests, templates, (layer,), values,
                      from_dict(KeyArgs, cfg.get("keys", {})))
     K, V = recorder.batches[layer]

@@ -21,7 +21,6 @@ import torch
 from bench.docs import append_section, command_line
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.editors.rls import RLSArgs, RLSEditor
-from tasks.edit_step import layer_weight
 from tasks.models import load_model
 
 
@@ -57,7 +56,7 @@ def main(argv=None):
 
     lm = load_model(opts.model)
     anchor = cached_anchor_stats(lm, [opts.layer], AnchorArgs())[opts.layer]
-    W0 = layer_weight(lm, opts.layer).double()
+    W0 = lm.edit_weight(opts.layer).double()
     anchor_cov = anchor.cov.double()
     d_k, d_v = W0.shape
     key_scale = float((anchor_cov.trace() / anchor.count / d_k) ** 0.5)

@@ -29,6 +29,7 @@ import torch
 from tasks.anchor import AnchorStats, read_corpus
 from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
+from tasks.corpus import HELDOUT_START
 from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
 from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
@@ -40,7 +41,7 @@ class HeldoutArgs:
     """Held-out text for perplexity: texts of `corpus` after those the anchors read."""
 
     corpus: str = "../shared/data/agnews/test.tsv"
-    offset: int = 7000
+    offset: int = HELDOUT_START
     n_texts: int = 100
     max_tokens: int = 128
 
@@ -189,20 +190,10 @@ class Evaluator:
     @contextmanager
     def _weights(self, snapshot: dict[str, np.ndarray]):
         """The base model with `snapshot`'s layers written in, restored on exit."""
-        params = dict(self.lm.model.named_parameters())
-        unknown = [name for name in snapshot if name not in params]
-        if unknown:
-            raise KeyError(f"snapshot layers {unknown} are not parameters of {self.model_name}")
-        original = {name: params[name].detach().clone() for name in snapshot}
-        try:
-            with torch.no_grad():
-                for name, weight in snapshot.items():
-                    params[name].copy_(torch.from_numpy(np.array(weight)))  # a writable copy
+        weights = {name: torch.from_numpy(np.array(weight))   # a writable copy
+                   for name, weight in snapshot.items()}
+        with self.lm.layers_loaded(weights):
             yield
-        finally:
-            with torch.no_grad():
-                for name, weight in original.items():
-                    params[name].copy_(weight)
 
     @torch.no_grad()
     def evaluate(self, cfg: dict, snapshot: dict[str, np.ndarray], n_done: int,

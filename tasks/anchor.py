@@ -16,19 +16,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tasks.corpus import AGNEWS_TEST, ANCHOR_TEXTS, corpus_texts
 from tasks.errors import read_user_text, require_file
 from tasks.extract.hooks import StopForward
 from tasks.files import write_atomically
 from tasks.models import cache_root
 
 log = logging.getLogger(__name__)
-CORPUS_FIX = "set anchor.corpus to a text<TAB>label file (default ../shared/data/agnews/test.tsv)"
+CORPUS_FIX = f"set anchor.corpus to a text<TAB>label file (default {AGNEWS_TEST})"
 
 
 @dataclass
 class AnchorArgs:
-    corpus: str = "../shared/data/agnews/test.tsv"  # text<TAB>label per line
-    n_texts: int = 2000      # texts read from the corpus's start
+    corpus: str = AGNEWS_TEST  # text<TAB>label per line
+    n_texts: int = ANCHOR_TEXTS  # texts read from the corpus's start (tasks/corpus.py)
     max_tokens: int = 128    # tokens per text at most
     batch_size: int = 16
 
@@ -63,12 +64,9 @@ class AnchorStats:
 
 
 def read_corpus(path: str | Path, n_texts: int | None = None, offset: int = 0) -> list[str]:
-    """Texts of a `text<TAB>label` file (a header row, if any, is kept as text)."""
-    lines = read_user_text(path, "anchor corpus", CORPUS_FIX).splitlines()
-    texts = [line.split("\t")[0].replace("\\", " ").strip() for line in lines]
-    texts = [t for t in texts if t]
-    end = None if n_texts is None else offset + n_texts
-    return texts[offset:end]
+    """`n_texts` texts (None: all) from `offset` on of a `text<TAB>label` file, read
+    and cleaned by `corpus_texts`; a UserError when the file cannot be read."""
+    return corpus_texts(read_user_text(path, "anchor corpus", CORPUS_FIX), n_texts, offset)
 
 
 @torch.no_grad()

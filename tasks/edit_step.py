@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data import EditRequest
+from tasks.editors.base import Editor
 from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
@@ -53,18 +54,7 @@ class EditBatchError(ValueError):
     """A batch the editor refused (NaN/Inf keys or values, a lost positive definiteness)."""
 
 
-def layer_weight(lm, layer: int) -> torch.Tensor:
-    """W = weight.T [d_k, d_v] of the edited projection of `layer` (a copy)."""
-    return lm.mlp_out(layer).weight.detach().T.clone()
-
-
-@torch.no_grad()
-def write_weight(lm, layer: int, W: torch.Tensor) -> None:
-    linear = lm.mlp_out(layer)
-    linear.weight.copy_(W.T.to(dtype=linear.weight.dtype, device=linear.weight.device))
-
-
-def apply_edit_batch(lm, editor, requests: list[EditRequest], templates: list[str],
+def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates: list[str],
                      layers: tuple[int, ...], value_args: ValueArgs,
                      key_args: KeyArgs | None = None) -> dict:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:
@@ -145,7 +135,7 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
             raise EditBatchError(f"edits with case_id {[r.case_id for r in requests]} at "
                                  f"layer {layer}: {err}. The model's last checkpoint is "
                                  f"untouched; the run stops here.") from err
-        write_weight(lm, layer, editor.weight(layer))
+        lm.write_edit_weight(layer, editor.weight(layer))
         stats[f"update_norm_L{layer}"] = float(delta_W.norm())
         clock.stop("update")
     return {**stats, **clock.stats()}
@@ -173,7 +163,7 @@ def _fine_tune_batch(lm, editor, requests, layers) -> dict[str, float]:
     with clock("update"):   # the fine-tuning steps are the whole edit
         deltas = editor.update(loss_of)
         for layer in layers:
-            write_weight(lm, layer, editor.weight(layer))
+            lm.write_edit_weight(layer, editor.weight(layer))
     stats = {"ft_loss": editor.last_loss}
     stats.update({f"update_norm_L{layer}": float(d.norm()) for layer, d in deltas.items()})
     return {**stats, **clock.stats()}

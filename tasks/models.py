@@ -87,6 +87,52 @@ class LoadedModel:
     def check_layers(self, layers) -> tuple[int, ...]:
         return check_layer_numbers(layers, self.num_layers, self.spec.name)
 
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        """W = weight.T [d_k, d_v] of the edited projection of `layer` (a copy)."""
+        return self.mlp_out(layer).weight.detach().T.clone()
+
+    @torch.no_grad()
+    def write_edit_weight(self, layer: int, W: torch.Tensor) -> None:
+        """Write W [d_k, d_v] into the edited projection of `layer` (its weight becomes Wᵀ,
+        in the weight's own dtype and device)."""
+        linear = self.mlp_out(layer)
+        linear.weight.copy_(W.T.to(dtype=linear.weight.dtype, device=linear.weight.device))
+
+    def edited_layers(self, layers) -> dict[str, torch.Tensor]:
+        """The edited projections' weights [d_v, d_k] of `layers` by parameter name
+        (CPU, contiguous): what a snapshot of the edits holds."""
+        return {self.spec.mlp_out_name(l) + ".weight":
+                self.mlp_out(l).weight.detach().cpu().contiguous() for l in layers}
+
+    @torch.no_grad()
+    def load_layers(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write `weights` {parameter name: tensor of that parameter's shape} into the model;
+        returns copies of the weights they replaced. Nothing is changed when it fails (a
+        KeyError when a name is not a parameter of the model)."""
+        params = dict(self.model.named_parameters())
+        unknown = [name for name in weights if name not in params]
+        if unknown:
+            raise KeyError(f"snapshot layers {unknown} are not parameters of {self.spec.name}")
+        replaced = {name: params[name].detach().clone() for name in weights}
+        try:
+            for name, weight in weights.items():
+                params[name].copy_(weight)
+        except BaseException:   # a weight of the wrong shape: put back what was written
+            for name, weight in replaced.items():
+                params[name].copy_(weight)
+            raise
+        return replaced
+
+    @contextmanager
+    def layers_loaded(self, weights: dict[str, torch.Tensor]):
+        """The model with `weights` {parameter name: tensor} written in (`load_layers`);
+        the weights they replaced are put back on exit."""
+        replaced = self.load_layers(weights)
+        try:
+            yield
+        finally:
+            self.load_layers(replaced)
+
 
 def check_layer_numbers(layers, num_layers: int, model: str) -> tuple[int, ...]:
     """`layers` as a tuple; a ConfigError unless they are increasing, distinct layers of a

@@ -20,7 +20,7 @@ import torch
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.config import to_dict
 from tasks.data import MAX_CHARS, SkippedRecord, load_requests
-from tasks.edit_step import apply_edit_batch, layer_weight, write_weight
+from tasks.edit_step import apply_edit_batch
 from tasks.editors import build_editor, resolve_editor
 from tasks.errors import UserError, brief
 from tasks.extract.keys import KeyArgs
@@ -274,7 +274,7 @@ class EditStream:
         if anchor is None:
             anchor = cached_anchor_stats(self.lm, list(self.layers), cfg.anchor)
         self.anchor = anchor
-        self.W0 = {l: layer_weight(self.lm, l) for l in self.layers}   # before any restore
+        self.W0 = {l: self.lm.edit_weight(l) for l in self.layers}   # before any restore
         self.editor = build_editor(cfg.editor, self.W0, anchor, self._editor_overrides())
         cfg.out_dir.mkdir()
         self.ckpt_path = cfg.out_dir / CHECKPOINT
@@ -305,7 +305,7 @@ class EditStream:
         self.state = {k: v for k, v in saved.items() if k != "editor"}
         self.editor.load_state_dict(saved["editor"])
         for layer in self.layers:
-            write_weight(self.lm, layer, self.editor.weight(layer))
+            self.lm.write_edit_weight(layer, self.editor.weight(layer))
         log.info("resuming %s at edit %d", self.cfg.name, self.position)
 
     @property
@@ -377,7 +377,7 @@ class EditStream:
     def anchor_deviation(self) -> dict[str, float]:
         """`anchor_deviation.L<layer>` (see `AnchorStats.deviation`) per edited layer and
         `anchor_deviation` (their mean), of the weights in the model now."""
-        per_layer = {f"anchor_deviation.L{l}": self.anchor[l].deviation(layer_weight(self.lm, l),
+        per_layer = {f"anchor_deviation.L{l}": self.anchor[l].deviation(self.lm.edit_weight(l),
                                                                         self.W0[l])
                      for l in self.layers}
         return {"anchor_deviation": sum(per_layer.values()) / len(per_layer), **per_layer}
@@ -392,8 +392,7 @@ class EditStream:
 
     def edited_layers(self) -> dict[str, torch.Tensor]:
         """The edited projections' weights by parameter name (CPU, contiguous)."""
-        return {self.lm.spec.mlp_out_name(l) + ".weight":
-                self.lm.mlp_out(l).weight.detach().cpu().contiguous() for l in self.layers}
+        return self.lm.edited_layers(self.layers)
 
     def save_layers(self, path: Location) -> Location:
         """Write the edited layers now to `path` (safetensors, atomically)."""

@@ -131,3 +131,18 @@ def test_in_memory_sst2_score_matches_the_lm_eval_command_line():
     assert row, done.stdout[-2000:]
     assert ours["rlsedit_sst2.acc"] == pytest.approx(float(row.group(1)), abs=5e-5)
     assert 0.5 <= ours["rlsedit_sst2.acc"] <= 1.0   # the instruct model is above chance
+
+
+def test_the_lmeval_tasks_read_the_corpus_splits_without_importing_rlsedit(tmp_path):
+    """tasks/lmeval/utils.py takes the AG News splits from tasks/corpus.py, loaded by path:
+    lm-eval loads utils.py by path, where rlsedit may not be importable."""
+    from tasks.actors import HeldoutArgs
+    from tasks.anchor import AnchorArgs
+    from tasks.corpus import HELDOUT_START, TOPIC_ROWS
+
+    code = (f"import sys; sys.path.insert(0, {str(LMEVAL_DIR)!r}); import utils; "
+            f"print(utils.corpus.TOPIC_ROWS, 'tasks' in sys.modules)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["(2000,", "7000)", "False"]
+    assert (AnchorArgs().n_texts, HeldoutArgs().offset) == TOPIC_ROWS == (2000, HELDOUT_START)

@@ -69,3 +69,24 @@ def test_packaged_gguf_model_is_dequantised_once_then_loaded_from_the_cache(isol
     assert first.num_layers == 30 and first.mlp_out(6).weight.shape == (576, 1536)
     enc = first.tokenizer("The mother tongue of Danielle Darrieux is", return_tensors="pt")
     torch.testing.assert_close(first.model(**enc).logits, second.model(**enc).logits)
+
+
+def test_the_model_reads_writes_and_swaps_its_edit_layers():
+    lm = load_model("tiny-llama")   # a private copy: this test writes weights
+    W = lm.edit_weight(1)
+    assert W.shape == (128, 64)     # [d_k, d_v]
+    lm.write_edit_weight(1, W + 1.0)
+    assert torch.equal(lm.edit_weight(1), W + 1.0)
+    edited = lm.edited_layers([1, 2])
+    assert list(edited) == ["model.layers.1.mlp.down_proj.weight",
+                            "model.layers.2.mlp.down_proj.weight"]
+    assert torch.equal(edited["model.layers.1.mlp.down_proj.weight"], (W + 1.0).T)
+    zeros = {name: torch.zeros_like(w) for name, w in edited.items()}
+    with lm.layers_loaded(zeros):
+        assert not lm.edit_weight(1).any() and not lm.edit_weight(2).any()
+    assert all(torch.equal(w, lm.edited_layers([1, 2])[name]) for name, w in edited.items())
+    with pytest.raises(KeyError, match="no.such.weight"):
+        lm.load_layers({**zeros, "no.such.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError):   # a wrong shape: what was written is put back
+        lm.load_layers({**zeros, "model.layers.3.mlp.down_proj.weight": torch.zeros(3)})
+    assert all(torch.equal(w, lm.edited_layers([1, 2])[name]) for name, w in edited.items())

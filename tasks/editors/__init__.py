@@ -3,17 +3,20 @@ its hyper-parameters; `build_editor` turns a name (plus overrides) into a ready 
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import yaml
 
 from tasks.config import ConfigError, from_dict, to_dict
 from tasks.editors.alphaedit import AlphaEditArgs, AlphaEditEditor
+from tasks.editors.base import Editor
 from tasks.editors.ft import FTArgs, FTEditor
 from tasks.editors.memit import MEMITArgs, MEMITEditor
 from tasks.editors.rls import RLSArgs, RLSEditor
 
-KINDS = {
+KINDS: dict[str, tuple[type[Editor], type]] = {
     "rls": (RLSEditor, RLSArgs),
     "memit": (MEMITEditor, MEMITArgs),
     "alphaedit": (AlphaEditEditor, AlphaEditArgs),
@@ -22,8 +25,15 @@ KINDS = {
 REGISTRY_PATH = Path(__file__).with_name("editors.yaml")
 
 
-def editor_registry() -> dict[str, dict]:
+@functools.cache
+def _parsed_registry() -> dict[str, dict]:
     return yaml.safe_load(REGISTRY_PATH.read_text())
+
+
+def editor_registry() -> dict[str, dict]:
+    """{editor name: its settings} of editors.yaml, read once per process: each call
+    hands out a copy of its own, free to change."""
+    return copy.deepcopy(_parsed_registry())
 
 
 def resolve_editor(name: str, overrides: dict | None = None):
@@ -39,7 +49,8 @@ def resolve_editor(name: str, overrides: dict | None = None):
     return editor_cls, args, {"name": name, "kind": kind, **to_dict(args)}
 
 
-def build_editor(name: str, weights: dict, anchors: dict, overrides: dict | None = None):
+def build_editor(name: str, weights: dict, anchors: dict,
+                 overrides: dict | None = None) -> Editor:
     """Editor `name` on `weights` {layer: W0 [d_k, d_v]} and `anchors` {layer: AnchorStats}."""
     editor_cls, args, _ = resolve_editor(name, overrides)
     return editor_cls(weights, anchors, args)

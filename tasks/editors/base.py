@@ -20,6 +20,8 @@ import torch
 
 
 class Editor(Protocol):
+    """What every editor is (`build_editor` returns one); `update` differs by `needs`."""
+
     needs: str
 
     def weight(self, layer: int) -> torch.Tensor: ...
@@ -78,7 +80,8 @@ class LayerWeights:
 
 
 class KeyValueEditor(LayerWeights):
-    """A subclass gives `delta(layer, K, V)` and may remember the batch (`after_update`)."""
+    """A subclass gives `delta(layer, K, V)` and may remember the batch (`after_update`),
+    or replaces the whole fold of a checked batch (`fold`)."""
 
     needs = "keys_values"
 
@@ -93,9 +96,13 @@ class KeyValueEditor(LayerWeights):
         fails a check leaves the state as it was."""
         W = self.W[layer]
         check_batch(K, V, *W.shape)
-        K, V = K.to(W), V.to(W)
+        return self.fold(layer, K.to(W), V.to(W))
+
+    def fold(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Fold in a checked batch, K [u, d_k] and V [u, d_v] in W's dtype and device:
+        W ← W + `delta`, unless ΔW [d_k, d_v] is not finite; returns ΔW."""
         delta_W = self.delta(layer, K, V)
         check_finite("updated W", delta_W)
-        self.W[layer] = W + delta_W
+        self.W[layer] = self.W[layer] + delta_W
         self.after_update(layer, K)
         return delta_W

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.editors.base import check_batch, check_finite
+from tasks.editors.base import KeyValueEditor, check_batch, check_finite
 from tasks.editors.budget import BudgetChoice, DeviationPredictor, anchor_weight_for_budget
 
 RESYMMETRIZE_EVERY = 256   # updates between (P + Pᵀ)/2; on CPU P − XᵀX stays exactly symmetric
@@ -67,15 +67,19 @@ class RLSLayerState:
         return cls(W=W, P=P.mul_(0.5))
 
     def update(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values. Returns ΔW [d_k, d_v].
+        """Fold in one batch: K [u, d_k] keys, V [u, d_v] target values, checked first
+        (`check_batch`). Returns ΔW [d_k, d_v]."""
+        check_batch(K, V, *self.W.shape)
+        return self.fold(K.to(self.W), V.to(self.W))
+
+    def fold(self, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Fold in a checked batch, K [u, d_k] and V [u, d_v] in W's dtype and device; W
+        and P are updated in place. Returns ΔW [d_k, d_v].
 
         With S = L Lᵀ and X = L⁻¹ K P [u, d_k], the P update is the symmetric rank-u
         downdate P − Xᵀ X, applied in place (one pass over P, no d_k × d_k temporary).
         Every check runs on the small factors before the state is touched, so a rejected
         batch leaves W and P as they were."""
-        check_batch(K, V, *self.W.shape)
-        K = K.to(self.W)
-        V = V.to(self.W)
         KP = K @ self.P                                     # [u, d_k] = (P Kᵀ)ᵀ, P symmetric
         S = KP @ K.T                                        # [u, u]
         S.diagonal().add_(1.0)
@@ -128,53 +132,50 @@ class RLSArgs:
     planned_batches: int | None = None     # set by the stream: batches in the run
 
 
-class RLSEditor:
-    """RLSEdit over several layers: one `RLSLayerState` per edited layer.
+class RLSEditor(KeyValueEditor):
+    """RLSEdit over several layers: one `RLSLayerState` per edited layer, whose W is the
+    editor's W of that layer (one tensor, which the state updates in place).
 
     With `deviation_budget`, a layer's state starts at its first batch, with the μ that
     `anchor_weight_for_budget` picks from that batch (`budget_choices`); until then the
     layer's weight is W0."""
 
-    needs = "keys_values"
-
     def __init__(self, weights: dict[int, torch.Tensor], anchors: dict, args: RLSArgs):
         """`weights[l]` is W0 [d_k, d_v] of layer l, `anchors[l]` its AnchorStats."""
-        self.dtype = getattr(torch, args.dtype)
+        super().__init__(weights, args.dtype)
         self.args = args
         self.anchors = anchors
         self.budget_choices: dict[int, BudgetChoice] = {}
-        self.pending = {}   # layer: W0, while the budget's μ is not chosen yet
-        self.states = {}
-        for layer, W0 in weights.items():
-            if args.deviation_budget is None:
-                self.states[layer] = self._start(layer, W0, args.mu)
-            else:
-                self.pending[layer] = W0.detach().to(self.dtype).clone()
-        if args.deviation_budget is not None and not args.planned_batches:
+        self.states: dict[int, RLSLayerState] = {}   # a layer without one waits for its μ
+        if args.deviation_budget is None:
+            for layer in self.W:
+                self._start(layer, args.mu)
+        elif not args.planned_batches:
             raise ValueError("editor_args.deviation_budget needs planned_batches (the stream "
                              "sets it from num_edits and batch_size)")
 
-    def _start(self, layer: int, W0: torch.Tensor, mu: float) -> RLSLayerState:
-        return RLSLayerState.init(W0, self.anchors[layer].mean_cov, self.args.lam, mu, self.dtype)
+    def _start(self, layer: int, mu: float) -> None:
+        """The recursion of `layer` from its W0 now, with anchor weight `mu`."""
+        state = RLSLayerState.init(self.W[layer], self.anchors[layer].mean_cov, self.args.lam,
+                                   mu, self.dtype)
+        self.states[layer] = state
+        self.W[layer] = state.W
 
-    def weight(self, layer: int) -> torch.Tensor:
-        return self.pending[layer] if layer in self.pending else self.states[layer].W
-
-    def update(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        if layer in self.pending:
+    def fold(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """`RLSLayerState.fold` of a checked batch K [u, d_k], V [u, d_v]; a layer waiting
+        for its budget's μ starts first. Returns ΔW [d_k, d_v]."""
+        if layer not in self.states:
             self._choose_mu(layer, K, V)
-        return self.states[layer].update(K, V)
+        return self.states[layer].fold(K, V)
 
     def _choose_mu(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> None:
-        W0 = self.pending[layer]
-        check_batch(K, V, *W0.shape)
-        predictor = DeviationPredictor(self.anchors[layer].mean_cov, W0, K, V.to(W0) - K.to(W0) @ W0,
+        W0 = self.W[layer]
+        predictor = DeviationPredictor(self.anchors[layer].mean_cov, W0, K, V - K @ W0,
                                        self.args.lam)
         choice = anchor_weight_for_budget(predictor, self.args.deviation_budget,
                                           self.args.planned_batches)
-        self.states[layer] = self._start(layer, W0, choice.mu)
+        self._start(layer, choice.mu)
         self.budget_choices[layer] = choice
-        del self.pending[layer]
 
     def logged_settings(self) -> dict[str, float]:
         """`budget_mu.L<layer>` and `budget_predicted_deviation.L<layer>` once chosen."""
@@ -184,16 +185,32 @@ class RLSEditor:
             out[f"budget_predicted_deviation.L{layer}"] = choice.predicted_deviation
         return out
 
-    def state_dict(self) -> dict:
+    def extra_state(self) -> dict:
+        """Each started layer's recursion state (its W is the one in "W": saved once) and
+        the budget's choices."""
         return {"states": {layer: state.state_dict() for layer, state in self.states.items()},
-                "pending": self.pending,
                 "budget_choices": {layer: vars(c) for layer, c in self.budget_choices.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        if "states" not in state:   # a checkpoint from before the budget: {layer: state}
-            state = {"states": state, "pending": {}, "budget_choices": {}}
+    def load_extra_state(self, state: dict) -> None:
         self.states = {int(layer): RLSLayerState.from_state_dict(s)
                        for layer, s in state["states"].items()}
-        self.pending = {int(layer): W.clone() for layer, W in state["pending"].items()}
+        for layer, layer_state in self.states.items():
+            self.W[layer] = layer_state.W
         self.budget_choices = {int(layer): BudgetChoice(**c)
                                for layer, c in state["budget_choices"].items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Also reads the checkpoints of older versions (`with_weights`)."""
+        super().load_state_dict(with_weights(state))
+
+
+def with_weights(state: dict) -> dict:
+    """An `RLSEditor.state_dict` as written now from one of before the editors shared
+    theirs: {"states", "pending": {layer: W0}, "budget_choices"}, or from before the
+    deviation budget: {layer: layer state}."""
+    if "W" in state:
+        return state
+    if "states" not in state:
+        state = {"states": state, "pending": {}, "budget_choices": {}}
+    weights = {**state["pending"], **{layer: s["W"] for layer, s in state["states"].items()}}
+    return {"W": weights, "states": state["states"], "budget_choices": state["budget_choices"]}

@@ -7,8 +7,8 @@ with no hub. lm-eval imports this file by path: keep it free of rlsedit imports.
 
 from __future__ import annotations
 
-import csv
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,10 +20,17 @@ import datasets
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# AG News test.tsv rows: the anchor statistics read the first 2,000 texts (AnchorArgs) and
-# held-out perplexity reads from row 7,000 on (HeldoutArgs), so the topic task uses neither.
-AGNEWS_TOPIC_ROWS = (2000, 7000)
-AGNEWS_HELDOUT_START = 7000
+
+def _load_corpus_module():
+    """tasks/corpus.py, loaded by path (see the module docstring)."""
+    spec = importlib.util.spec_from_file_location("rlsedit_corpus",
+                                                  PROJECT_ROOT / "tasks" / "corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+corpus = _load_corpus_module()   # the AG News rows' split between uses, and their reading
 AGNEWS_LABELS = {"World": 0, "Sports": 1, "Business": 2, "Sci/Tech": 3}
 
 
@@ -36,35 +43,29 @@ def data_root(data_dir: str | None = None) -> Path:
     return root
 
 
-def _tsv_rows(path: Path, header: bool) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return rows[1:] if header else rows
-
-
 def load_sst2(data_dir: str | None = None, **_) -> dict:
     """GLUE SST-2 validation sentences: {sentence, label (0 negative, 1 positive)}."""
-    rows = _tsv_rows(data_root(data_dir) / "sst2" / "test.tsv", header=True)
+    rows = corpus.tsv_rows(data_root(data_dir) / "sst2" / "test.tsv", header=True)
     return {"test": datasets.Dataset.from_list(
         [{"sentence": s, "label": int(y)} for s, y in rows])}
 
 
 def _agnews(data_dir: str | None) -> list[list[str]]:
-    return _tsv_rows(data_root(data_dir) / "agnews" / "test.tsv", header=False)
+    return corpus.tsv_rows(data_root(data_dir) / "agnews" / "test.tsv", header=False)
 
 
 def load_agnews_topic(data_dir: str | None = None, **_) -> dict:
     """AG News articles {text, label 0-3: World, Sports, Business, Sci/Tech}."""
-    first, stop = AGNEWS_TOPIC_ROWS
-    docs = [{"text": " ".join(t.replace("\\", " ").split()), "label": AGNEWS_LABELS[y]}
+    first, stop = corpus.TOPIC_ROWS
+    docs = [{"text": corpus.single_spaced_text(t), "label": AGNEWS_LABELS[y]}
             for t, y in _agnews(data_dir)[first:stop]]
     return {"test": datasets.Dataset.from_list(docs)}
 
 
 def load_agnews_heldout(data_dir: str | None = None, **_) -> dict:
     """AG News texts after the topic task's rows: held-out text for perplexity."""
-    docs = [{"text": " ".join(t.replace("\\", " ").split())}
-            for t, _ in _agnews(data_dir)[AGNEWS_HELDOUT_START:]]
+    docs = [{"text": corpus.single_spaced_text(t)}
+            for t, _ in _agnews(data_dir)[corpus.HELDOUT_START:]]
     return {"test": datasets.Dataset.from_list(docs)}
 
 

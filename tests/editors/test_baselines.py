@@ -218,3 +218,18 @@ def test_alphaedit_relative_threshold_cuts_the_spectrum_at_a_share_of_its_mean()
     assert same.null_space_dim(0) == editor.null_space_dim(0)
     with pytest.raises(ValueError, match="nullspace_rel"):
         AlphaEditArgs(l2=1.0)
+
+
+def test_the_editor_registry_is_read_once_and_handed_out_as_copies(monkeypatch):
+    from pathlib import Path
+
+    import tasks.editors
+
+    tasks.editors.editor_registry()
+    monkeypatch.setattr(Path, "read_text", lambda *_: pytest.fail("editors.yaml read again"))
+    mine = tasks.editors.editor_registry()
+    mine["rlsedit"]["mu"] = -1.0
+    del mine["memit"]
+    again = tasks.editors.editor_registry()
+    assert again["rlsedit"]["mu"] != -1.0 and "memit" in again
+    assert resolve_editor("rlsedit")[2]["mu"] == again["rlsedit"]["mu"]

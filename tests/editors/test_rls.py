@@ -163,3 +163,29 @@ def test_deviation_budget_picks_the_anchor_weight_its_prediction_needs():
     assert torch.equal(copy.weight(3), editor.weight(3))
     with pytest.raises(ValueError, match="planned_batches"):
         RLSEditor({3: W0}, {3: anchor}, RLSArgs(lam=0.5, mu=1.0, deviation_budget=0.05))
+
+
+def test_the_editor_reads_the_state_dicts_of_older_versions():
+    """Checkpoints from before the editors shared one state dict ({"states", "pending",
+    "budget_choices"}) and from before the deviation budget ({layer: layer state})."""
+    import io
+
+    from tasks.anchor import AnchorStats
+    from tasks.editors.rls import RLSArgs, RLSEditor
+
+    W0, anchor_cov, gen = random_problem()
+    anchors = {1: AnchorStats(anchor_cov, 200), 2: AnchorStats(anchor_cov, 200)}
+    editor = RLSEditor({1: W0, 2: W0}, anchors, RLSArgs(lam=1.0, mu=0.01))
+    editor.update(1, torch.randn(3, 24, generator=gen, dtype=torch.float64),
+                  torch.randn(3, 16, generator=gen, dtype=torch.float64))
+    layer_states = editor.extra_state()["states"]
+    for old in (layer_states, {"states": {1: layer_states[1]}, "pending": {2: W0},
+                               "budget_choices": {}}):
+        copy = RLSEditor({1: W0, 2: W0}, anchors, RLSArgs(lam=1.0, mu=0.01))
+        copy.load_state_dict(old)
+        assert all(torch.equal(copy.weight(l), editor.weight(l)) for l in (1, 2))
+        assert copy.weight(1) is copy.states[1].W and copy.states[1].n_updates == 1
+    saved = {name: io.BytesIO() for name in ("all", "states")}
+    torch.save(editor.state_dict(), saved["all"])   # each W once, in "W" and in "states"
+    torch.save(layer_states, saved["states"])
+    assert len(saved["all"].getvalue()) < len(saved["states"].getvalue()) + 1000

@@ -3,7 +3,7 @@ import torch
 
 from tasks.anchor import anchor_stats, read_corpus
 from tasks.data import parse_record
-from tasks.edit_step import apply_edit_batch, layer_weight
+from tasks.edit_step import apply_edit_batch
 from tasks.editors.rls import RLSArgs, RLSEditor
 from tasks.extract.keys import compute_keys
 from tasks.extract.prompts import kl_batch, rewrite_batch
@@ -66,7 +66,7 @@ def test_an_edit_makes_the_target_the_top_prediction(tiny):
     lm = load_model("tiny-llama")  # a private copy: this test edits weights
     req = request()
     stats = anchor_stats(lm, [1], read_corpus(CORPUS, 40))
-    editor = RLSEditor({1: layer_weight(lm, 1)}, stats, RLSArgs(lam=1e-3, mu=0.5))
+    editor = RLSEditor({1: lm.edit_weight(1)}, stats, RLSArgs(lam=1e-3, mu=0.5))
     target_first = lm.tokenizer(" Q")["input_ids"][0]
     prompt = lm.tokenizer(req.prompt, return_tensors="pt")
     assert lm.model(**prompt).logits[0, -1].argmax() != target_first
@@ -121,7 +121,7 @@ def test_every_editor_edits_only_its_layer_and_raises_the_target(name, overrides
     if overrides.get("nullspace_threshold") == "median":  # half of the tiny model's spectrum
         spectrum = torch.linalg.eigvalsh(stats[1].cov / stats[1].count)
         overrides = {"nullspace_threshold": float(spectrum.median())}
-    editor = build_editor(name, {1: layer_weight(lm, 1)}, stats, overrides)
+    editor = build_editor(name, {1: lm.edit_weight(1)}, stats, overrides)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     nll_before = continuation_scores(lm, [(req.prompt, req.target_new)])[0][0]
     stats_out = apply_edit_batch(lm, editor, [req], TEMPLATES, (1,), ValueArgs(steps=30, lr=2.0))
@@ -154,7 +154,7 @@ def test_margin_stop_ends_each_edit_once_it_wins_by_the_margin():
     assert (by_margin.margin >= 0.5).all() and by_nll.margin.isnan().all()
     assert (by_margin.delta.norm(dim=1) < by_nll.delta.norm(dim=1)).all()
     # written exactly (one key row per prompt, a near-free solve), the margin is in the model
-    editor = RLSEditor({1: layer_weight(lm, 1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 20)),
+    editor = RLSEditor({1: lm.edit_weight(1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 20)),
                        RLSArgs(lam=1e-6, mu=0.0))
     stats = apply_edit_batch(lm, editor, reqs, TEMPLATES, (1,), margin_args, KeyArgs(mode="rows"))
     assert all(r["value_margin"] >= 0.5 for r in stats["edits"])

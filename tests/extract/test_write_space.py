@@ -3,7 +3,7 @@
 import torch
 
 from tasks.anchor import anchor_stats, read_corpus
-from tasks.edit_step import apply_edit_batch, layer_weight
+from tasks.edit_step import apply_edit_batch
 from tasks.editors.rls import RLSArgs, RLSEditor
 from tasks.extract.keys import block_outputs_at, compute_keys
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
@@ -29,7 +29,7 @@ def rewrite_keys(lm, reqs):
 
 def exact_writer(lm):
     """RLS with a negligible pull and no anchor: one key is written exactly."""
-    return RLSEditor({1: layer_weight(lm, 1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 8)),
+    return RLSEditor({1: lm.edit_weight(1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 8)),
                      RLSArgs(lam=1e-6, mu=0.0))
 
 
@@ -94,7 +94,7 @@ def test_multi_layer_gemma3_edit_reaches_the_target_stream():
     rewrite, groups = rewrite_batch(lm.tokenizer, reqs, BARE_ONLY)
     target = compute_target_values(lm, 2, rewrite, groups, kl_batch(lm.tokenizer, reqs), VALUES)
     anchors = anchor_stats(lm, [1, 2], read_corpus(CORPUS, 8))
-    editor = RLSEditor({l: layer_weight(lm, l) for l in (1, 2)}, anchors, RLSArgs(1e-6, 0.0))
+    editor = RLSEditor({l: lm.edit_weight(l) for l in (1, 2)}, anchors, RLSArgs(1e-6, 0.0))
     apply_edit_batch(lm, editor, reqs, BARE_ONLY, (1, 2), VALUES)
     got = block_outputs_at(lm, 2, prompt_batch(lm.tokenizer, reqs))
     before = (target.stream_target - target.stream_init).norm()
