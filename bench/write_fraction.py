@@ -16,6 +16,7 @@ import torch
 from bench.docs import append_section, command_line
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.data import load_requests
+from tasks.editors.rls import with_weights
 from tasks.extract.keys import compute_keys
 from tasks.extract.prompts import make_context_templates, rewrite_batch
 from tasks.extract.values import ValueArgs
@@ -49,7 +50,7 @@ def main(argv=None):
         lines.append(f"| {lam} | {mu} | {quad.mean():.2f} | {(quad / (1 + quad)).mean():.3f} |")
     for path in opts.checkpoint:
         state = torch.load(path, weights_only=False)
-        rls = state["editor"][layer]
+        rls = with_weights(state["editor"])["states"][layer]   # any version's layout
         quad = (keys @ rls["P"] * keys).sum(1)
         lines.append(f"| after {state['position']} edits of {path} | | {quad.mean():.2f} | "
                      f"{(quad / (1 + quad)).mean():.3f} |")
