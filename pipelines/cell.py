@@ -177,6 +177,9 @@ class CellRecord:
                              summary["config"]["num_edits"])
         self.tracker.metrics(self.run_id, {"skipped_records": len(summary["skipped_records"]),
                                            "editor_restarts": self.restarts}, 0)
+        if summary["skipped_records"]:
+            self.tracker.dict(self.run_id, {"skipped": summary["skipped_records"]},
+                              "skipped_records.json")
         self.tracker.dict(self.run_id, summary, "summary.json")
         self.tracker.end(self.run_id)
         return summary
@@ -207,9 +210,11 @@ def run_local(cell: Cell) -> dict:
     check_store(state, state.get("run_id"), cell.dir)
     if (finished := finished_summary(cell, cfg)) is not None:
         return finished
-    tracker = Tracker(cfg.experiment)
     evaluator = Evaluator(cell.model, device=resolve_device(cfg.device))
     baseline = evaluator.baseline(cell.cfg, cfg.heldout, cfg.capability)
+    editor = EditorActor(cell.cfg, baseline)
+    editor.open(None)   # a checkpoint that cannot go on stops the cell before anything is logged
+    tracker = Tracker(cfg.experiment)
     if state.get("run_id") is None:
         state = {"run_id": open_cell_run(tracker, cell, baseline),
                  "tracking_store": tracking_store()}
@@ -221,7 +226,7 @@ def run_local(cell: Cell) -> dict:
                                                cfg.capability))
 
     progress = Progress(f"stream {cell.name}", {cell.name: cfg.num_edits}, log=log)
-    for event in EditorActor(cell.cfg, baseline).run(None):
+    for event in editor.run(None):
         record.on_event(event, score, progress)
     progress.finish(cell.name)
     return record.finish()

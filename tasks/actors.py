@@ -85,11 +85,15 @@ class EditorActor:
         self.restarted = bool(context and context.get_actor_id()
                               and context.was_current_actor_reconstructed)
 
-    def _open(self, anchor: dict[int, tuple[np.ndarray, int]] | None) -> EditStream:
-        stats = None if anchor is None else {
-            int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
-            for l, (cov, count) in anchor.items()}
-        return EditStream(self.config, anchor=stats, baseline=self.baseline)
+    def open(self, anchor: dict[int, tuple[np.ndarray, int]] | None) -> EditStream:
+        """The cell's stream, built at the first call with `anchor` (see `run`) and resumed
+        from its checkpoint: a checkpoint that cannot go on stops it here."""
+        if self.stream is None:
+            stats = None if anchor is None else {
+                int(l): AnchorStats(torch.from_numpy(np.array(cov)), count)
+                for l, (cov, count) in anchor.items()}
+            self.stream = EditStream(self.config, anchor=stats, baseline=self.baseline)
+        return self.stream
 
     def run(self, anchor: dict[int, tuple[np.ndarray, int]] | None):
         """Streams the cell with `anchor` {layer: (K0ᵀK0 [d_k, d_k], token count)} (used
@@ -105,9 +109,7 @@ class EditorActor:
         - {"done": True, "summary", "edited"} with the final edited layers.
         Called again after the actor was restarted (max_restarts), it goes on from the
         last checkpoint."""
-        if self.stream is None:
-            self.stream = self._open(anchor)
-        stream = self.stream
+        stream = self.open(anchor)
         if stream.position or self.restarted:
             yield {"resumed": True, "restarted": self.restarted, "edits": stream.position,
                    "history": stream.state["history"]}

@@ -135,7 +135,7 @@ def test_killed_grid_driver_resumes_when_its_command_runs_again(local_ray, tmp_p
     args = grid_args(tmp_path)
     (cell,) = grid_cells(grid_config(args))
     # the driver dies as it saves the first evaluation's results; its local Ray goes with it
-    run_killed("pipelines.grid", "pipelines.grid", "_save_json",
+    run_killed("pipelines.grid", "pipelines.cell", "save_json",
                "str(args[0]).endswith('evals.json')", args)
     assert not (cell.dir / "evals.json").exists() and not (cell.dir / "summary.json").exists()
 
