@@ -17,7 +17,7 @@ command after the driver died resumes: finished cells are read back, half-finish
 continue from their checkpoint, and evaluation points whose scores were lost are scored
 from the snapshots the editor wrote before each checkpoint. The final weights equal those
 of an uninterrupted run (tests/pipelines/test_resume.py). One driver at a time per output
-folder; a re-run must use the tracking store the grid's runs live in (`pipelines/driver.py`).
+folder; a re-run must use the tracking store the grid's runs live in (`pipelines/tracking.py`).
 """
 
 from __future__ import annotations
