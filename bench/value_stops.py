@@ -1,0 +1,125 @@
+"""The target-value optimisation's stop rule and batch size, side by side in one process on
+the same edits: seconds per edit and Adam steps per edit (issue 15, item 1).
+
+    python -m bench.value_stops --model smollm2-135m --edits 50 --batch-sizes 10 25 50 --append
+
+Variants (the shipped optimisation otherwise: replay, prefix cache, length buckets):
+- nll:     an edit stops once its target NLL < 5e-2 (the default before issue 15);
+- margin2: an edit stops once target_new beats ground_truth by 2 nats of mean-token
+           log-probability on every prompt (the streams' default since, `tasks/stream.py`);
+- margin3: the same with 3 nats.
+The variants take turns on each chunk of edits, so that load from other processes falls
+on all of them alike. What each costs in edit quality over a sequential stream is measured
+by the grid (docs/benchmarks.md, "Fidelity sweep"), not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench.docs import append_section, command_line
+from tasks.data import load_requests
+from tasks.extract.prompts import kl_batch, make_context_templates, rewrite_batch
+from tasks.extract.values import ValueArgs, compute_target_values
+from tasks.models import load_model
+
+VARIANTS = {"nll": {"stop_on": "nll"},
+            "margin2": {"stop_on": "margin", "margin": 2.0},
+            "margin3": {"stop_on": "margin", "margin": 3.0}}
+
+
+@dataclass
+class Tally:
+    """Seconds, edits, Adam steps, edits the stop rule ended and Σ‖δ‖/‖z‖ of one variant."""
+    seconds: float = 0.0
+    edits: int = 0
+    steps: float = 0.0
+    stopped: float = 0.0
+    delta_ratio: float = 0.0
+
+    def add(self, seconds: float, target) -> None:
+        self.seconds += seconds
+        self.edits += len(target.steps)
+        self.steps += float(target.steps.sum())
+        self.stopped += float(target.converged.sum())
+        self.delta_ratio += float(target.delta_ratio.sum())
+
+
+def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs):
+    """(seconds, TargetValues) of one batch of requests, as `tasks/edit_step.py` runs it."""
+    rewrite, groups = rewrite_batch(lm.tokenizer, chunk, templates)
+    kl = kl_batch(lm.tokenizer, chunk)
+    truth = None
+    if args.stop_on == "margin":
+        truth = rewrite_batch(lm.tokenizer, chunk, templates, "ground_truth")[0]
+    tic = time.perf_counter()
+    target = compute_target_values(lm, layer, rewrite, groups, kl, args, truth)
+    return time.perf_counter() - tic, target
+
+
+def measure(lm, layer, requests, templates, batch_size: int, variants: list[str]) -> dict:
+    """{variant: Tally} over `requests` cut into batches, the variants taking turns."""
+    tallies = {name: Tally() for name in variants}
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        for name in variants:
+            seconds, target = optimise_chunk(lm, layer, chunk, templates,
+                                             replace(ValueArgs(), **VARIANTS[name]))
+            tallies[name].add(seconds, target)
+        print(f"batch {batch_size}: {start + len(chunk)}/{len(requests)} edits "
+              + ", ".join(f"{n} {t.seconds / t.edits:.2f} s/edit" for n, t in tallies.items()),
+              flush=True)
+    return tallies
+
+
+def table(results: dict) -> str:
+    """Markdown rows per (batch, variant); the ratio is against nll at the first batch size."""
+    first = next(iter(results.values()))
+    base = first["nll"] if "nll" in first else next(iter(first.values()))
+    base_rate = base.seconds / base.edits
+    lines = ["| batch | stop | s per edit | speed-up | Adam steps per edit | stopped by the rule "
+             "| mean ‖δ‖/‖z‖ |", "|---|---|---|---|---|---|---|"]
+    for batch_size, tallies in results.items():
+        for name, t in tallies.items():
+            rate = t.seconds / t.edits
+            lines.append(f"| {batch_size} | {name} | {rate:.2f} | {base_rate / rate:.2f}x "
+                         f"| {t.steps / t.edits:.1f} | {t.stopped / t.edits:.2f} "
+                         f"| {t.delta_ratio / t.edits:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--append", action="store_true")
+    opts = parser.parse_args(argv)
+    torch.manual_seed(0)
+    lm = load_model(opts.model)
+    layer = lm.spec.edit_layers[-1]
+    requests = load_requests(opts.data, limit=opts.edits)
+    base = ValueArgs()
+    templates = make_context_templates(lm, base.n_prefixes, base.prefix_tokens, seed=0)
+    results = {b: measure(lm, layer, requests, templates, b, opts.variants)
+               for b in opts.batch_sizes}
+    text = table(results)
+    print(text)
+    if opts.append:
+        append_section(f"Target-value stop rule and batch size, {opts.model}, {opts.edits} "
+                       f"edits of {Path(opts.data).name}",
+                       command_line("bench.value_stops", argv),
+                       f"{platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads", text)
+
+
+if __name__ == "__main__":
+    main()
