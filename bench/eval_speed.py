@@ -160,7 +160,7 @@ def alternating(repeats: int, old, new) -> tuple:
 
 def measure(opts) -> tuple[list[list[str]], list[str]]:
     """Table rows [part, old s, new s, ratio, every run's s, check] and notes."""
-    from tasks.actors import HeldoutArgs
+    from tasks.corpus import HeldoutArgs
     from tasks.anchor import read_corpus
     from tasks.data import load_requests
     from tasks.metrics import continuation_scores, perplexity

@@ -34,7 +34,7 @@ from pipelines.driver import (Flag, check_ray, config_parser, join_ray, one_line
                               read_config, setup_logging)
 from pipelines.report import comparison_table, write_reports
 from pipelines.tracking import Tracker, check_store, check_tracking, how_to_open, tracking_store
-from tasks.actors import HeldoutArgs
+from tasks.corpus import HeldoutArgs
 from tasks.anchor import AnchorArgs
 from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import ConfigError, from_dict, to_dict

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -29,21 +28,11 @@ import torch
 from tasks.anchor import AnchorStats, read_corpus
 from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
-from tasks.corpus import HELDOUT_START
+from tasks.corpus import HeldoutArgs
 from tasks.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
 from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
                           stream_requests, unedited_scores)
-
-
-@dataclass
-class HeldoutArgs:
-    """Held-out text for perplexity: texts of `corpus` after those the anchors read."""
-
-    corpus: str = "../shared/data/agnews/test.tsv"
-    offset: int = HELDOUT_START
-    n_texts: int = 100
-    max_tokens: int = 128
 
 
 def _in_actor() -> bool:

@@ -50,7 +50,7 @@ def check_stream(cfg: StreamConfig, device_here: bool = True,
 def check_evaluation(cfg: StreamConfig, checked: set) -> None:
     """What the evaluator reads besides the edits: the held-out corpus, and the capability
     suite's tasks and data folder."""
-    from tasks.actors import HeldoutArgs
+    from tasks.corpus import HeldoutArgs
     from tasks.capability import CapabilityArgs, resolve_suite
 
     heldout = from_dict(HeldoutArgs, cfg.heldout, where="heldout.")

@@ -136,9 +136,8 @@ def test_in_memory_sst2_score_matches_the_lm_eval_command_line():
 def test_the_lmeval_tasks_read_the_corpus_splits_without_importing_rlsedit(tmp_path):
     """tasks/lmeval/utils.py takes the AG News splits from tasks/corpus.py, loaded by path:
     lm-eval loads utils.py by path, where rlsedit may not be importable."""
-    from tasks.actors import HeldoutArgs
     from tasks.anchor import AnchorArgs
-    from tasks.corpus import HELDOUT_START, TOPIC_ROWS
+    from tasks.corpus import HELDOUT_START, TOPIC_ROWS, HeldoutArgs
 
     code = (f"import sys; sys.path.insert(0, {str(LMEVAL_DIR)!r}); import utils; "
             f"print(utils.corpus.TOPIC_ROWS, 'tasks' in sys.modules)")

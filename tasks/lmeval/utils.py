@@ -26,6 +26,7 @@ def _load_corpus_module():
     spec = importlib.util.spec_from_file_location("rlsedit_corpus",
                                                   PROJECT_ROOT / "tasks" / "corpus.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # where @dataclass looks the module up
     spec.loader.exec_module(module)
     return module
 
