@@ -18,7 +18,7 @@ of the runs measured with it.
 - `single_spaced_text` (backslashes become spaces, every run of whitespace one space)
   for the lm-eval tasks, on the rows `tsv_rows` reads.
 
-Nothing of rlsedit is imported here: `tasks/lmeval/utils.py`, which lm-eval loads by
+Nothing of rlsedit is imported here: `tasks/evaluate/lmeval/utils.py`, which lm-eval loads by
 path, loads this file by path too.
 """
 
