@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.docs import append_section, command_line
 from pipelines.reeval import ReevalConfig, run_reeval
-from tasks.capability import CapabilityArgs
+from tasks.evaluate.capability import CapabilityArgs
 
 
 def last_value(client, run_id: str, key: str, step: int):

@@ -63,7 +63,7 @@ def profile_batch(stream: EditStream, rows: int) -> list[str]:
     return lines
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--editors", nargs="+", default=list(editor_registry()))
@@ -75,62 +75,95 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--append", action="store_true",
                         help="add the tables to docs/benchmarks.md")
-    opts = parser.parse_args(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    return parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        streams, setup = build_streams(opts, out_dir)
-        for stream in streams.values():   # a warm-up batch each, not counted
-            stream.step()
-            stream.state["edit_seconds"], stream.state["phase_seconds"] = 0.0, {}
-        for _ in range(0, opts.num_edits, opts.batch_size):   # round-robin, batch by batch
-            for editor, stream in streams.items():
-                tic = time.perf_counter()
-                stream.step()
-                print(f"{editor}: {stream.position} edits, this batch "
-                      f"{time.perf_counter() - tic:.1f} s", flush=True)
-        # what the timed batches cost, read before the profiled batch adds to it
-        timed = {editor: (stream.state["edit_seconds"], dict(stream.state["phase_seconds"]))
-                 for editor, stream in streams.items()}
-        evaluate = {}
+
+def timed_batches(streams: dict[str, EditStream], opts) -> dict[str, tuple[float, dict]]:
+    """A warm-up batch each (not counted), then `opts.num_edits` edits each, round-robin
+    batch by batch: per editor, the edit seconds and the seconds per phase."""
+    for stream in streams.values():
+        stream.step()
+        stream.state["edit_seconds"], stream.state["phase_seconds"] = 0.0, {}
+    for _ in range(0, opts.num_edits, opts.batch_size):
         for editor, stream in streams.items():
             tic = time.perf_counter()
-            stream.evaluate()
-            evaluate[editor] = time.perf_counter() - tic
+            stream.step()
+            print(f"{editor}: {stream.position} edits, this batch "
+                  f"{time.perf_counter() - tic:.1f} s", flush=True)
+    # what the timed batches cost, read before a profiled batch adds to it
+    return {editor: (stream.state["edit_seconds"], dict(stream.state["phase_seconds"]))
+            for editor, stream in streams.items()}
+
+
+def evaluation_seconds(streams: dict[str, EditStream]) -> dict[str, float]:
+    """Per editor, the seconds of one evaluation of the edits so far."""
+    seconds = {}
+    for editor, stream in streams.items():
+        tic = time.perf_counter()
+        stream.evaluate()
+        seconds[editor] = time.perf_counter() - tic
+    return seconds
+
+
+def measure(opts) -> dict:
+    """Every editor's streams built, timed, evaluated, and one RLSEdit batch profiled."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        streams, setup = build_streams(opts, out_dir)
+        timed = timed_batches(streams, opts)
+        evaluate = evaluation_seconds(streams)
         profile = profile_batch(streams["rlsedit"], opts.profile_rows) \
             if "rlsedit" in streams and opts.profile_rows else []
         layers = list(next(iter(streams.values())).layers)
+    return {"setup": setup, "timed": timed, "evaluate": evaluate, "profile": profile,
+            "layers": layers}
 
+
+def speed_table(opts, result: dict) -> list[str]:
+    """Markdown rows: per editor, edits/s, seconds per edit and per phase, evaluation, setup."""
     header = ["editor", "edits/s", "s/edit", *(f"{p} s/edit" for p in PHASES),
               "update share", f"evaluation of {opts.num_edits + opts.batch_size} edits, s",
               "setup s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for editor, (seconds, phases) in timed.items():
+    for editor, (seconds, phases) in result["timed"].items():
         n = opts.num_edits
         cells = [editor, f"{n / seconds:.3f}", f"{seconds / n:.2f}",
                  *(f"{phases.get(p, 0.0) / n:.3f}" for p in PHASES),
                  f"{phases.get('update', 0.0) / seconds:.1%}",
-                 f"{evaluate[editor]:.1f}", f"{setup[editor]:.1f}"]
+                 f"{result['evaluate'][editor]:.1f}", f"{result['setup'][editor]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def append_tables(opts, argv, lines: list[str], profile: list[str], layers: list[int],
+                  limit: float) -> None:
+    """The speed table and the profile, as a section of docs/benchmarks.md."""
+    body = "\n".join(lines)
+    if profile:
+        body += (f"\n\nOne more RLSEdit batch of {opts.batch_size} edits under the torch "
+                 f"profiler, operators by self CPU time:\n\n" + "\n".join(profile))
+    append_section(
+        f"End-to-end speed per editor, {opts.model}, {opts.num_edits} edits "
+        f"(batch {opts.batch_size}, layers {layers})",
+        command_line("bench.e2e_speed", argv),
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads, editors stepped "
+        f"round-robin in one process; float32 matmul limit at these threads "
+        f"{limit:.0f} GFLOP/s", body)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    result = measure(opts)
+    lines = speed_table(opts, result)
     print("\n".join(lines))
     limit = matmul_flops(torch.float32) / 1e9
     print(f"float32 matmul limit at {torch.get_num_threads()} threads: {limit:.0f} GFLOP/s")
-    if profile:
+    if result["profile"]:
         print(f"\none more rlsedit batch of {opts.batch_size}, torch profiler:\n"
-              + "\n".join(profile))
+              + "\n".join(result["profile"]))
     if opts.append:
-        body = "\n".join(lines)
-        if profile:
-            body += (f"\n\nOne more RLSEdit batch of {opts.batch_size} edits under the torch "
-                     f"profiler, operators by self CPU time:\n\n" + "\n".join(profile))
-        append_section(
-            f"End-to-end speed per editor, {opts.model}, {opts.num_edits} edits "
-            f"(batch {opts.batch_size}, layers {layers})",
-            command_line("bench.e2e_speed", argv),
-            f"{platform.machine()} CPU, {torch.get_num_threads()} threads, editors stepped "
-            f"round-robin in one process; float32 matmul limit at these threads "
-            f"{limit:.0f} GFLOP/s", body)
+        append_tables(opts, argv, lines, result["profile"], result["layers"], limit)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
     python -m bench.eval_speed --num-requests 200 --threads 1 --repeats 2 --append
 
-An evaluator's point (`tasks/actors.py`, `Evaluator.evaluate`) is CounterFact scoring of
+An evaluator's point (`tasks/remote/actors.py`, `Evaluator.evaluate`) is CounterFact scoring of
 the stream's requests (`score_requests`), held-out perplexity and, when a grid asks, the
 lm-eval capability suite; fluency runs once per stream, after its last edit. This times,
 on one model's unedited weights in one process, each part as it was before issue 15
 (`reference_continuation_scores`: every (prompt, target) text a full forward, batched by
 length; `reference_perplexity`: texts in given order, logits at every padded position)
-and as it is now (`tasks/metrics.py`), old and new alternating, and checks that the
+and as it is now (`tasks/evaluate/metrics.py`), old and new alternating, and checks that the
 scores agree: per-request metrics and token accuracies exactly, NLLs and perplexity to
 1e-5, absolute and relative (the reference itself moves NLLs of ~20 nats by 2.5e-5
 between batch sizes 32 and 7). Requests are the first `--num-requests` of `--data` with
@@ -81,7 +81,7 @@ def reference_perplexity(lm, texts: list[str], max_tokens: int = 128,
 def score_with(scorer, lm, requests, batch_size: int = 32):
     """`score_requests` with `scorer` as its continuation scorer: (per-request scores,
     the NLLs [P] and accuracies [P] of its (prompt, target) pairs, seconds)."""
-    import tasks.metrics as metrics
+    import tasks.evaluate.metrics as metrics
 
     seen = {}
 
@@ -132,7 +132,7 @@ def scored_pairs(requests) -> list[tuple[str, str]]:
 def forward_tokens(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> tuple[int, int]:
     """Token positions, padding included, that the reference and today's scoring put
     through the model for `pairs`."""
-    from tasks.metrics import _prefix_chunks, _prompt_groups
+    from tasks.evaluate.metrics import _prefix_chunks, _prompt_groups
 
     batch = build_batch(tokenizer, [p + " " + t for p, t in pairs],
                         target_starts=[len(p) for p, _ in pairs])
@@ -160,12 +160,12 @@ def alternating(repeats: int, old, new) -> tuple:
 
 def measure(opts) -> tuple[list[list[str]], list[str]]:
     """Table rows [part, old s, new s, ratio, every run's s, check] and notes."""
-    from tasks.actors import HeldoutArgs
     from tasks.anchor import read_corpus
+    from tasks.corpus import HeldoutArgs
     from tasks.data import load_requests
-    from tasks.metrics import continuation_scores, perplexity
+    from tasks.evaluate.metrics import continuation_scores, perplexity
+    from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
     from tasks.models import load_model
-    from tasks.neighbours import NeighbourArgs, with_neighbours
 
     lm = load_model(opts.model)
     requests = with_neighbours(load_requests(opts.data, limit=opts.num_requests),
@@ -187,7 +187,7 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
             ["held-out perplexity", old_ppl_s, new_ppl_s,
              f"{old_ppl:.4f} vs {new_ppl:.4f} (rel. diff {ppl_diff:.1e})"]]
     if opts.capability:
-        from tasks.capability import CapabilityArgs, CapabilitySuite
+        from tasks.evaluate.capability import CapabilityArgs, CapabilitySuite
 
         _, cap_s = timed(CapabilitySuite(lm, CapabilityArgs(profile=opts.capability)).score)
         rows.append([f"capability suite `{opts.capability}` (unchanged, timed once)",

@@ -24,8 +24,8 @@ from bench.docs import append_section, command_line
 
 def time_anchor(opts, workers: int) -> float:
     from tasks.anchor import AnchorArgs
-    from tasks.anchor_ray import ray_anchor_stats
     from tasks.models import resolve_spec
+    from tasks.remote.anchor_ray import ray_anchor_stats
 
     cache = Path(tempfile.mkdtemp(prefix="anchor-bench-"))
     models = Path(os.environ.get("RLSEDIT_CACHE", Path.home() / ".cache" / "rlsedit")) / "models"

@@ -2,9 +2,9 @@
 run in this process (`pipelines.edit_stream`) or as Ray actors (`pipelines.grid`), logged
 the same way either way.
 
-The editor (`tasks.actors.EditorActor.run`) applies the stream and yields events: resumed,
+The editor (`tasks.remote.actors.EditorActor.run`) applies the stream and yields events: resumed,
 progress, a snapshot at each evaluation point, done. An evaluator
-(`tasks.actors.Evaluator.evaluate`) scores each snapshot: the CounterFact metrics,
+(`tasks.remote.actors.Evaluator.evaluate`) scores each snapshot: the CounterFact metrics,
 retention, held-out perplexity and the capability suite. `CellRecord` turns both into
 what a cell leaves behind:
 - its MLflow run: params and config, the unedited scores at step 0, the editor's speed and
@@ -202,7 +202,7 @@ def run_local(cell: Cell) -> dict:
     """Run (or resume) `cell` in this process: edit, score each snapshot, log (see the
     module's docstring); its summary. The cell's MLflow run id is kept in `run.json` in its
     folder, so a re-run goes on in the same run."""
-    from tasks.actors import EditorActor, Evaluator
+    from tasks.remote.actors import EditorActor, Evaluator
 
     cfg = from_dict(StreamConfig, cell.cfg)
     state_path = cell.dir / "run.json"

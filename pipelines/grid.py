@@ -34,16 +34,16 @@ from pipelines.driver import (Flag, check_ray, config_parser, join_ray, one_line
                               read_config, setup_logging)
 from pipelines.report import comparison_table, write_reports
 from pipelines.tracking import Tracker, check_store, check_tracking, how_to_open, tracking_store
-from tasks.actors import HeldoutArgs
 from tasks.anchor import AnchorArgs
-from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import ConfigError, from_dict, to_dict
+from tasks.corpus import HeldoutArgs
 from tasks.editors import resolve_editor
 from tasks.errors import UserError
+from tasks.evaluate.capability import CapabilityArgs, resolve_suite
+from tasks.evaluate.neighbours import NeighbourArgs
 from tasks.files import workdir_path
 from tasks.lock import folder_lock
 from tasks.models import ensure_dequantised, resolve_spec
-from tasks.neighbours import NeighbourArgs
 from tasks.preflight import check_output, check_stream
 from tasks.progress import PROGRESS_SECONDS, Progress, timed
 from tasks.storage import Location
@@ -314,7 +314,7 @@ class GridRun:
         """Join the cluster; the actor classes with the resources the config gives them."""
         import ray
 
-        from tasks.actors import EditorActor, Evaluator
+        from tasks.remote.actors import EditorActor, Evaluator
 
         if not ray.is_initialized():
             join_ray(self.cfg.ray_address)
@@ -335,7 +335,7 @@ class GridRun:
         unedited scores."""
         import ray
 
-        from tasks.anchor_ray import ray_anchor_stats
+        from tasks.remote.anchor_ray import ray_anchor_stats
 
         ensure_dequantised(model)   # here, where its log is seen, not in every Ray worker
         layers = _edit_layers(model, self.cells)

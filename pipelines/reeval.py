@@ -31,9 +31,9 @@ from pathlib import Path
 from pipelines.driver import (Flag, config_parser, join_ray, one_line_errors, read_config,
                               setup_logging)
 from pipelines.tracking import check_tracking, log_metrics, open_tracking, tracking_store
-from tasks.capability import CapabilityArgs, resolve_suite
 from tasks.config import ConfigError, from_dict, to_dict
 from tasks.errors import UserError
+from tasks.evaluate.capability import CapabilityArgs, resolve_suite
 from tasks.files import workdir_path
 from tasks.lock import lock_file, machine_lock_path
 from tasks.progress import Progress
@@ -146,13 +146,13 @@ def load_snapshot(client, job: Job) -> dict:
 
 
 class Evaluators:
-    """`tasks.actors.Evaluator`s per model: Ray actors, or plain objects in this process.
+    """`tasks.remote.actors.Evaluator`s per model: Ray actors, or plain objects in this process.
     `submit` starts a call, `next_result` returns one that has finished with the job it
     was for. Not Ray's `ActorPool`: its unordered results come back without the job they
     belong to, and one pool per model could not be waited on together."""
 
     def __init__(self, models: list[str], cfg: ReevalConfig):
-        from tasks.actors import Evaluator
+        from tasks.remote.actors import Evaluator
 
         self.ray = None
         if cfg.use_ray:

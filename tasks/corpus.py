@@ -7,7 +7,7 @@ no header). Its rows are split so that no use sees another's texts:
   (`ANCHOR_TEXTS`: `AnchorArgs.n_texts`, read from the corpus's start);
 - rows [2000, 7000): the lm-eval topic task `rlsedit_agnews` (`TOPIC_ROWS`);
 - rows [7000, end): held-out text for perplexity (`HELDOUT_START`): the evaluator's
-  (`HeldoutArgs.offset`) and lm-eval's `rlsedit_agnews_ppl`.
+  (`HeldoutArgs`, its `heldout.*` settings) and lm-eval's `rlsedit_agnews_ppl`.
 
 A row's text is cleaned one of two ways, which give different texts on this corpus
 (1,509 of its 7,600 rows hold runs of spaces): each keeps the texts, and so the scores,
@@ -18,19 +18,30 @@ of the runs measured with it.
 - `single_spaced_text` (backslashes become spaces, every run of whitespace one space)
   for the lm-eval tasks, on the rows `tsv_rows` reads.
 
-Nothing of rlsedit is imported here: `tasks/lmeval/utils.py`, which lm-eval loads by
+Nothing of rlsedit is imported here: `tasks/evaluate/lmeval/utils.py`, which lm-eval loads by
 path, loads this file by path too.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 AGNEWS_TEST = "../shared/data/agnews/test.tsv"
 ANCHOR_TEXTS = 2000
 HELDOUT_START = 7000
 TOPIC_ROWS = (ANCHOR_TEXTS, HELDOUT_START)
+
+
+@dataclass
+class HeldoutArgs:
+    """Held-out text for perplexity: texts of `corpus` after those the anchors read."""
+
+    corpus: str = AGNEWS_TEST
+    offset: int = HELDOUT_START
+    n_texts: int = 100
+    max_tokens: int = 128
 
 
 def cleaned_text(raw: str) -> str:

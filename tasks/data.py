@@ -35,7 +35,7 @@ class EditRequest:
 
     `prompt` contains `subject` (its first occurrence is the edited subject); rephrase
     prompts test generalisation, locality prompts (whose answer is `locality_ground_truth`)
-    test that unrelated facts stay, neighbour prompts (`tasks/neighbours.py`, answer
+    test that unrelated facts stay, neighbour prompts (`tasks/evaluate/neighbours.py`, answer
     `ground_truth`) that the edit stays with its subject.
     """
 

@@ -16,8 +16,8 @@ from tasks.config import from_dict
 from tasks.data import load_requests
 from tasks.editors import resolve_editor
 from tasks.errors import UserError, brief, check_writable, read_user_text
+from tasks.evaluate.neighbours import POOL_FIX
 from tasks.models import check_layer_numbers, layer_count, resolve_device, resolve_spec
-from tasks.neighbours import POOL_FIX
 from tasks.stream import StreamConfig
 
 OUTPUT_FIX = "give another output_dir (--output-dir or --set output_dir=...)"
@@ -50,8 +50,8 @@ def check_stream(cfg: StreamConfig, device_here: bool = True,
 def check_evaluation(cfg: StreamConfig, checked: set) -> None:
     """What the evaluator reads besides the edits: the held-out corpus, and the capability
     suite's tasks and data folder."""
-    from tasks.actors import HeldoutArgs
-    from tasks.capability import CapabilityArgs, resolve_suite
+    from tasks.corpus import HeldoutArgs
+    from tasks.evaluate.capability import CapabilityArgs, resolve_suite
 
     heldout = from_dict(HeldoutArgs, cfg.heldout, where="heldout.")
     check_file(heldout.corpus, "held-out corpus", "set heldout.corpus to a text<TAB>label file",

@@ -3,7 +3,7 @@
 `EditStream` holds the loaded model, the editor and the stream's position; it applies one
 batch per `step()`, evaluates on request, checkpoints and resumes. It knows nothing of
 MLflow or Ray: the single-process CLI (`pipelines/edit_stream.py`) and the Ray editor
-actor (`tasks/actors.py`) both drive it.
+actor (`tasks/remote/actors.py`) both drive it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from tasks.data import MAX_CHARS, SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch
 from tasks.editors import build_editor, resolve_editor
 from tasks.errors import UserError, brief
+from tasks.evaluate.metrics import aggregate, fluency, score_requests
+from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
 from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import check_request_tokens, make_context_templates
 from tasks.extract.values import ValueArgs
 from tasks.files import write_atomically
-from tasks.metrics import aggregate, fluency, score_requests
 from tasks.models import cache_root, load_model, resolve_device
-from tasks.neighbours import NeighbourArgs, with_neighbours
 from tasks.storage import Location
 
 log = logging.getLogger("rlsedit.stream")
@@ -71,7 +71,7 @@ class StreamConfig:
     keys: KeyArgs = field(default_factory=KeyArgs)
     anchor: AnchorArgs = field(default_factory=AnchorArgs)
     neighbours: NeighbourArgs = field(default_factory=NeighbourArgs)
-    # what the evaluator scores besides the edits (`tasks.actors.Evaluator`): held-out
+    # what the evaluator scores besides the edits (`tasks.remote.actors.Evaluator`): held-out
     # perplexity (HeldoutArgs keys) and the lm-eval suite (CapabilityArgs keys; none unless
     # a profile or tasks are named)
     heldout: dict = field(default_factory=dict)

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from tasks.capability import (LMEVAL_DIR, CapabilityArgs, CapabilitySuite, flatten_results,
-                              resolve_suite, unedited_capability)
 from tasks.config import ConfigError
+from tasks.evaluate.capability import (LMEVAL_DIR, CapabilityArgs, CapabilitySuite,
+                                       flatten_results, resolve_suite, unedited_capability)
 from tests.conftest import DATA, ROOT
 
 LOCAL_TASKS = sorted(p.stem for p in LMEVAL_DIR.glob("*.yaml"))
 
-# the metric each local task reports, as flattened by tasks.capability
+# the metric each local task reports, as flattened by tasks.evaluate.capability
 HEADLINE = {"rlsedit_sst2": "acc", "rlsedit_agnews": "acc",
             "rlsedit_agnews_ppl": "word_perplexity",
             "rlsedit_gsm8k": "exact_match.flexible-extract",
@@ -134,11 +134,10 @@ def test_in_memory_sst2_score_matches_the_lm_eval_command_line():
 
 
 def test_the_lmeval_tasks_read_the_corpus_splits_without_importing_rlsedit(tmp_path):
-    """tasks/lmeval/utils.py takes the AG News splits from tasks/corpus.py, loaded by path:
-    lm-eval loads utils.py by path, where rlsedit may not be importable."""
-    from tasks.actors import HeldoutArgs
+    """tasks/evaluate/lmeval/utils.py takes the AG News splits from tasks/corpus.py, loaded
+    by path: lm-eval loads utils.py by path, where rlsedit may not be importable."""
     from tasks.anchor import AnchorArgs
-    from tasks.corpus import HELDOUT_START, TOPIC_ROWS
+    from tasks.corpus import HELDOUT_START, TOPIC_ROWS, HeldoutArgs
 
     code = (f"import sys; sys.path.insert(0, {str(LMEVAL_DIR)!r}); import utils; "
             f"print(utils.corpus.TOPIC_ROWS, 'tasks' in sys.modules)")

@@ -113,7 +113,7 @@ def test_fuzzed_records_either_parse_or_raise_edit_record_error():
 
 
 def test_aggregate_gives_each_metric_its_standard_error():
-    from tasks.metrics import METRIC_NAMES, aggregate
+    from tasks.evaluate.metrics import METRIC_NAMES, aggregate
 
     scores = [{name: float(i % 4 == 0) for name in METRIC_NAMES} for i in range(100)]
     scores[0]["generalization"] = float("nan")      # no rephrase prompt: left out

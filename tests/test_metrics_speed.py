@@ -7,9 +7,9 @@ import torch
 from bench.eval_speed import (reference_continuation_scores, reference_perplexity,
                               same_scores, score_with)
 from tasks.data import load_requests, parse_record
-from tasks.metrics import _hidden_with_shared_prefix, continuation_scores, perplexity
+from tasks.evaluate.metrics import _hidden_with_shared_prefix, continuation_scores, perplexity
+from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
 from tasks.models import load_model
-from tasks.neighbours import NeighbourArgs, with_neighbours
 from tests.conftest import CORPUS, EDIT_DATA
 
 

@@ -5,8 +5,9 @@ import json
 import torch
 
 from tasks.data import load_requests
-from tasks.metrics import aggregate, score_requests
-from tasks.neighbours import NeighbourArgs, pick_neighbours, relation_template, with_neighbours
+from tasks.evaluate.metrics import aggregate, score_requests
+from tasks.evaluate.neighbours import (NeighbourArgs, pick_neighbours, relation_template,
+                                       with_neighbours)
 from tests.conftest import EDIT_DATA
 
 

@@ -5,11 +5,11 @@ from tasks.anchor import anchor_stats, read_corpus
 from tasks.data import parse_record
 from tasks.edit_step import apply_edit_batch
 from tasks.editors.rls import RLSArgs, RLSEditor
+from tasks.evaluate.metrics import continuation_scores, score_requests
 from tasks.extract.keys import compute_keys
 from tasks.extract.prompts import kl_batch, rewrite_batch
 from tasks.extract.tokens import build_batch
 from tasks.extract.values import LayerReplay, ValueArgs, compute_target_values
-from tasks.metrics import continuation_scores, score_requests
 from tests.conftest import CORPUS
 
 TEMPLATES = ["{}", "News of the day. {}", "I think. {}"]

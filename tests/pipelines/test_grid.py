@@ -37,8 +37,8 @@ def smoke_args(tmp_path, *extra):
 def test_sharded_anchor_statistics_equal_the_single_process_ones(local_ray, tmp_path,
                                                                   monkeypatch):
     from tasks.anchor import AnchorArgs, anchor_stats, read_corpus
-    from tasks.anchor_ray import ray_anchor_stats
     from tasks.models import load_model
+    from tasks.remote.anchor_ray import ray_anchor_stats
 
     monkeypatch.setenv("RLSEDIT_CACHE", str(tmp_path / "cache"))  # nothing cached yet
     args = AnchorArgs(corpus=str(CORPUS), n_texts=30, max_tokens=32)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from pipelines.edit_stream import parse_args as stream_args, run_stream
 from pipelines.reeval import parse_args, run_reeval
 from tasks.data import load_requests
-from tasks.metrics import aggregate, score_requests
+from tasks.evaluate.metrics import aggregate, score_requests
 from tasks.models import load_model
 from tests.conftest import EDIT_DATA
 from tests.pipelines.test_edit_stream import tiny_args

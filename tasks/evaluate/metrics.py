@@ -6,7 +6,7 @@ mean negative log-likelihood, as ROME does):
 - generalization:  rephrase prompts, same test (mean over prompts)
 - specificity:     locality prompts, P(locality_ground_truth) > P(target_new)
 - specificity_nbhd: neighbourhood prompts (other subjects, same relation and true
-                   object: `tasks/neighbours.py`), P(ground_truth) > P(target_new)
+                   object: `tasks/evaluate/neighbours.py`), P(ground_truth) > P(target_new)
 and EasyEdit's token-level accuracies (teacher-forced argmax == token) for the same three.
 Fluency: n-gram entropy of greedy generations from the edit prompts (ROME's weights).
 """

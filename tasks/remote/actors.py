@@ -13,37 +13,27 @@ while the driver passes `run`'s arguments again on every call.
 `Evaluator` loads its base model once; for each snapshot it writes the snapshot's layers
 into that model, scores the CounterFact metrics on the edits so far and the retention of
 the first ones, perplexity on held-out text and, when asked, the lm-eval capability suite
-(`tasks/capability.py`, on the same in-memory model), and puts the base weights back.
+(`tasks/evaluate/capability.py`, on the same in-memory model), and puts the base weights back.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
 from tasks.anchor import AnchorStats, read_corpus
-from tasks.capability import CapabilityArgs, CapabilitySuite, suite_key, unedited_capability
 from tasks.config import from_dict
-from tasks.corpus import HELDOUT_START
-from tasks.metrics import aggregate, perplexity, score_requests
+from tasks.corpus import HeldoutArgs
+from tasks.evaluate.capability import (CapabilityArgs, CapabilitySuite, suite_key,
+                                       unedited_capability)
+from tasks.evaluate.metrics import aggregate, perplexity, score_requests
 from tasks.models import load_model
 from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
                           stream_requests, unedited_scores)
-
-
-@dataclass
-class HeldoutArgs:
-    """Held-out text for perplexity: texts of `corpus` after those the anchors read."""
-
-    corpus: str = "../shared/data/agnews/test.tsv"
-    offset: int = HELDOUT_START
-    n_texts: int = 100
-    max_tokens: int = 128
 
 
 def _in_actor() -> bool:

@@ -1,6 +1,6 @@
 """Capability suite: lm-eval tasks scored on a loaded (possibly edited) model in memory.
 
-The local tasks live in `tasks/lmeval/` (SST-2, AG News topic, held-out perplexity, GSM8K,
+The local tasks live in `tasks/evaluate/lmeval/` (SST-2, AG News topic, held-out perplexity, GSM8K,
 HumanEval; all read `../shared/data`). Named suites (`cpu`, `full`) are in
 `capability_profiles.yaml`; any lm-eval task name (`mmlu`, `glue`, ...) works too where
 the hub is reachable. Scores come back flat, `{task}.{metric}` (lm-eval's `acc,none`
@@ -70,7 +70,7 @@ def resolve_suite(args: CapabilityArgs) -> tuple[list[str], int | None]:
     unknown = [t for t in tasks if t.startswith(LOCAL_PREFIX) and t not in local]
     if unknown:
         raise ConfigError(f"unknown local capability task(s) {unknown}: "
-                          f"tasks/lmeval has {sorted(local)}")
+                          f"tasks/evaluate/lmeval has {sorted(local)}")
     return tasks, limit
 
 

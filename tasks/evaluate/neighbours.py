@@ -5,7 +5,7 @@ record's relation template is its prompt with the subject taken out ("{} plays t
 its neighbours are records of a pool (`counterfact-train.json`, whose records no stream
 of this file edits) with the same template and the same `ground_truth`. A neighbour's
 prompt should still end in that true object after the edit; `specificity_nbhd` scores
-P(ground_truth) > P(target_new) on each (`tasks/metrics.py`).
+P(ground_truth) > P(target_new) on each (`tasks/evaluate/metrics.py`).
 
 Up to `per_edit` neighbours per edit, drawn by seed, cached on disk per stream.
 """

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import datasets
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TASKS_DIR = Path(__file__).resolve().parents[2]   # tasks/evaluate/lmeval/utils.py
+PROJECT_ROOT = TASKS_DIR.parent
 
 
 def _load_corpus_module():
     """tasks/corpus.py, loaded by path (see the module docstring)."""
     spec = importlib.util.spec_from_file_location("rlsedit_corpus",
-                                                  PROJECT_ROOT / "tasks" / "corpus.py")
+                                                  TASKS_DIR / "corpus.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # where @dataclass looks the module up
     spec.loader.exec_module(module)
     return module
 
