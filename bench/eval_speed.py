@@ -16,7 +16,7 @@ up to 10 neighbourhood prompts each (`with_neighbours`, the stream's default poo
 held-out texts as `HeldoutArgs`. The capability suite, not changed by issue 15, is timed
 once when `--capability` names a profile, for its share.
 
-The references live here (`tests/test_metrics_speed.py` uses them too) as the definition
+The references live here (`tests/evaluate/test_metrics_speed.py` uses them too) as the definition
 that the fast paths must reproduce; they are not a production path.
 """
 
