@@ -12,6 +12,11 @@ statistics from the disk cache, editor state). Then a torch profile of one more 
 batch: the operators with the most self CPU time, with the FLOP/s of those torch counts
 (matmuls), to set against this machine's float32 matmul rate at the same thread count,
 measured at the end.
+
+    python -m bench.e2e_speed --editors rlsedit --stops nll margin --num-edits 30 --append
+
+times the value optimisation's stop rules side by side in the same way (issue 15: the NLL
+stop before, the margin stop after), the speed-up against the first stream.
 """
 
 from __future__ import annotations
@@ -33,17 +38,22 @@ PHASES = ("values", "keys", "update")
 
 
 def build_streams(opts, out_dir: str) -> tuple[dict[str, EditStream], dict[str, float]]:
+    """One stream per editor and value stop rule, named `editor` or, with several stop
+    rules, `editor@stop`; and the seconds each took to set up."""
     streams, setup = {}, {}
     for editor in opts.editors:
-        cfg = from_dict(StreamConfig, {
-            "model": opts.model, "editor": editor, "data": opts.data,
-            "num_edits": opts.num_edits + 2 * opts.batch_size,   # + warm-up and profiled batches
-            "batch_size": opts.batch_size, "eval_every": 10 ** 9, "fluency_samples": 0,
-            "checkpoint_every": 10 ** 9, "output_dir": f"{out_dir}/{editor}",
-            **({"layers": [int(x) for x in opts.layers.split(",")]} if opts.layers else {})})
-        tic = time.perf_counter()
-        streams[editor] = EditStream(cfg)
-        setup[editor] = time.perf_counter() - tic
+        for stop in opts.stops:
+            name = editor if len(opts.stops) == 1 else f"{editor}@{stop}"
+            cfg = from_dict(StreamConfig, {
+                "model": opts.model, "editor": editor, "data": opts.data,
+                "num_edits": opts.num_edits + 2 * opts.batch_size,   # + warm-up, profiled
+                "batch_size": opts.batch_size, "eval_every": 10 ** 9, "fluency_samples": 0,
+                "checkpoint_every": 10 ** 9, "output_dir": f"{out_dir}/{name}",
+                "values": {"stop_on": stop},
+                **({"layers": [int(x) for x in opts.layers.split(",")]} if opts.layers else {})})
+            tic = time.perf_counter()
+            streams[name] = EditStream(cfg)
+            setup[name] = time.perf_counter() - tic
     return streams, setup
 
 
@@ -70,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--num-edits", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--stops", nargs="+", default=["margin"],
+                        choices=["margin", "nll", "total"],
+                        help="value stop rules (values.stop_on); several: one stream per "
+                             "editor and rule, the speed-up against the first")
     parser.add_argument("--layers", help="comma-separated edit layers (default: the model's)")
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None)
@@ -111,8 +125,9 @@ def measure(opts) -> dict:
         streams, setup = build_streams(opts, out_dir)
         timed = timed_batches(streams, opts)
         evaluate = evaluation_seconds(streams)
-        profile = profile_batch(streams["rlsedit"], opts.profile_rows) \
-            if "rlsedit" in streams and opts.profile_rows else []
+        profiled = [name for name in streams if name.split("@")[0] == "rlsedit"]
+        profile = profile_batch(streams[profiled[-1]], opts.profile_rows) \
+            if profiled and opts.profile_rows else []
         layers = list(next(iter(streams.values())).layers)
     return {"setup": setup, "timed": timed, "evaluate": evaluate, "profile": profile,
             "layers": layers}
@@ -120,13 +135,14 @@ def measure(opts) -> dict:
 
 def speed_table(opts, result: dict) -> list[str]:
     """Markdown rows: per editor, edits/s, seconds per edit and per phase, evaluation, setup."""
-    header = ["editor", "edits/s", "s/edit", *(f"{p} s/edit" for p in PHASES),
+    header = ["editor", "edits/s", "s/edit", "speed-up", *(f"{p} s/edit" for p in PHASES),
               "update share", f"evaluation of {opts.num_edits + opts.batch_size} edits, s",
               "setup s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = next(iter(result["timed"].values()))[0]
     for editor, (seconds, phases) in result["timed"].items():
         n = opts.num_edits
-        cells = [editor, f"{n / seconds:.3f}", f"{seconds / n:.2f}",
+        cells = [editor, f"{n / seconds:.3f}", f"{seconds / n:.2f}", f"{first / seconds:.2f}x",
                  *(f"{phases.get(p, 0.0) / n:.3f}" for p in PHASES),
                  f"{phases.get('update', 0.0) / seconds:.1%}",
                  f"{result['evaluate'][editor]:.1f}", f"{result['setup'][editor]:.1f}"]
