@@ -222,7 +222,12 @@ def fluency(lm, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 
 def perplexity(lm, texts: list[str], max_tokens: int = 128, batch_size: int = 16) -> float:
     """exp of the mean next-token NLL over all tokens of `texts` (each cut at `max_tokens`).
     Texts run in order of length, so that a batch is little padded, and the LM head runs
-    only at real positions."""
+    only at real positions.
+
+    Why beside lm-eval's `rlsedit_agnews_ppl` (same AG News rows, `tasks/corpus.py`): a
+    grid without a capability suite (the main job's `cpu-demo`) still scores perplexity at
+    every point, at 1/10 of the suite's cost; lm-eval's rolling loglikelihood reports word
+    and byte perplexity, not this per-token one in which every reported figure is given."""
     tok = lm.tokenizer
     ids = tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
