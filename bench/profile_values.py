@@ -94,20 +94,32 @@ def time_variant(name, lm, layer, requests, templates, batch_size, args):
     return total / len(requests)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser()
+def value_parser(description: str, edits: int, batch_sizes: list[int]) -> argparse.ArgumentParser:
+    """--model, --data, --edits, --batch-sizes and --append of the value benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
-    parser.add_argument("--edits", type=int, default=20)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--edits", type=int, default=edits)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
     parser.add_argument("--append", action="store_true")
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def value_setup(opts):
+    """(model, its last edit layer, the first `opts.edits` requests, the context
+    templates), seeded: what a value benchmark optimises."""
     torch.manual_seed(0)
     lm = load_model(opts.model)
-    layer = lm.spec.edit_layers[-1]
     requests = load_requests(opts.data, limit=opts.edits)
     base = ValueArgs()
     templates = make_context_templates(lm, base.n_prefixes, base.prefix_tokens, seed=0)
+    return lm, lm.spec.edit_layers[-1], requests, templates
+
+
+def main(argv=None):
+    opts = value_parser(__doc__.split("\n")[0], 20, [1, 10]).parse_args(argv)
+    lm, layer, requests, templates = value_setup(opts)
+    base = ValueArgs()
     never_stop = replace(base, early_stop_nll=-1.0)
     rows = []
     real_split = values_mod.split_at_lookup

@@ -15,7 +15,6 @@ by the grid (docs/benchmarks.md, "Fidelity sweep"), not here.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -24,10 +23,9 @@ from pathlib import Path
 import torch
 
 from bench.docs import append_section, command_line
-from tasks.data import load_requests
-from tasks.extract.prompts import kl_batch, make_context_templates, rewrite_batch
+from bench.profile_values import value_parser, value_setup
+from tasks.extract.prompts import kl_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
-from tasks.models import load_model
 
 VARIANTS = {"nll": {"stop_on": "nll"},
             "margin2": {"stop_on": "margin", "margin": 2.0},
@@ -95,20 +93,10 @@ def table(results: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/counterfact/counterfact-train.json")
-    parser.add_argument("--edits", type=int, default=50)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 25, 50])
+    parser = value_parser(__doc__.split("\n")[0], 50, [10, 25, 50])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--append", action="store_true")
     opts = parser.parse_args(argv)
-    torch.manual_seed(0)
-    lm = load_model(opts.model)
-    layer = lm.spec.edit_layers[-1]
-    requests = load_requests(opts.data, limit=opts.edits)
-    base = ValueArgs()
-    templates = make_context_templates(lm, base.n_prefixes, base.prefix_tokens, seed=0)
+    lm, layer, requests, templates = value_setup(opts)
     results = {b: measure(lm, layer, requests, templates, b, opts.variants)
                for b in opts.batch_sizes}
     text = table(results)
