@@ -302,37 +302,44 @@ class _DeltaLoss:
             self.kl_init = F.log_softmax(
                 replay.logits(replay.stream, kl_rows, suffix.last[kl_rows]), -1)
 
-    def __call__(self, delta: torch.Tensor, active: torch.Tensor):
-        """(loss [E], target NLL [E], margin [E] or None) for deltas [E, d], computed on
-        active edits' rows. The margin is the smallest, over an edit's prompts, of
-        NLL(ground_truth) − NLL(target_new) (mean-token, as efficacy compares them)."""
-        suffix, groups = self.replay.suffix, self.groups
-        keep_rows = self.rows[active[groups]]
-        sub_groups, sub_kl = groups[keep_rows], self.is_kl[keep_rows]
-        sub_truth = self.is_truth[keep_rows]
-        sub_new = ~sub_kl & ~sub_truth
-        stream = self.replay.shifted_stream(delta[sub_groups], keep_rows)
+    def row_nll(self, delta: torch.Tensor, keep_rows: torch.Tensor):
+        """Rows `keep_rows` replayed under deltas [E, d]: their mean-token NLL [b, 1] (0 for
+        rows without labels), the log-probabilities [k, vocab] at the KL rows among them and
+        those rows' places k in `keep_rows`."""
+        suffix = self.replay.suffix
+        stream = self.replay.shifted_stream(delta[self.groups[keep_rows]], keep_rows)
         labels = suffix.labels[keep_rows]
         t_rows, t_pos = torch.nonzero(labels != -100, as_tuple=True)
-        k_rows = torch.nonzero(sub_kl).squeeze(1)
+        k_rows = torch.nonzero(self.is_kl[keep_rows]).squeeze(1)
         logits = self.replay.logits(stream, torch.cat([t_rows, k_rows]),
                                     torch.cat([t_pos, suffix.last[keep_rows][k_rows]]),
                                     keep_rows=keep_rows)
         target_logp = F.log_softmax(logits[: len(t_rows)], -1)
         token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None])       # [M, 1]
         row_nll = group_mean(token_nll, t_rows, len(keep_rows))                  # [b, 1]
+        return row_nll, F.log_softmax(logits[len(t_rows):], -1), k_rows
+
+    def __call__(self, delta: torch.Tensor, active: torch.Tensor):
+        """(loss [E], target NLL [E], margin [E] or None) for deltas [E, d], computed on
+        active edits' rows. The margin is the smallest, over an edit's prompts, of
+        NLL(ground_truth) − NLL(target_new) (mean-token, as efficacy compares them); the
+        truth rows only score it, so they run without a graph."""
+        active_rows = active[self.groups]
+        keep_rows = self.rows[active_rows & ~self.is_truth]
+        sub_groups, sub_new = self.groups[keep_rows], ~self.is_kl[keep_rows]
+        row_nll, kl_logp, k_rows = self.row_nll(delta, keep_rows)
         nll = group_mean(row_nll[sub_new], sub_groups[sub_new], self.n_edits).squeeze(1)  # [E]
-        kl_logp = F.log_softmax(logits[len(t_rows):], -1)
         kl_edits = sub_groups[k_rows]
-        kl_div = torch.zeros(self.n_edits, device=groups.device, dtype=kl_logp.dtype).index_add(
+        kl_div = torch.zeros(self.n_edits, device=delta.device, dtype=kl_logp.dtype).index_add(
             0, kl_edits, (kl_logp.exp() * (kl_logp - self.kl_init[kl_edits])).sum(-1))
         loss = nll + self.args.kl_factor * kl_div + self.args.decay(delta, self.ref)
-        margin = None
-        if sub_truth.any():   # truth rows pair with the new-target rows in the same order
-            gap = (row_nll[sub_truth] - row_nll[sub_new]).squeeze(1).detach()
-            margin = torch.full((self.n_edits,), float("inf"), device=gap.device,
-                                dtype=gap.dtype).scatter_reduce(0, sub_groups[sub_new], gap,
-                                                                "amin")
+        truth_rows = self.rows[active_rows & self.is_truth]
+        if len(truth_rows) == 0:
+            return loss, nll, None
+        with torch.no_grad():   # truth rows pair with the new-target rows in the same order
+            gap = (self.row_nll(delta, truth_rows)[0] - row_nll[sub_new].detach()).squeeze(1)
+        margin = torch.full((self.n_edits,), float("inf"), device=gap.device,
+                            dtype=gap.dtype).scatter_reduce(0, sub_groups[sub_new], gap, "amin")
         return loss, nll, margin
 
 
