@@ -35,6 +35,35 @@ def capture(module: torch.nn.Module, what: str = "input", stop: bool = False):
         handle.remove()
 
 
+@contextmanager
+def record_instead(modules: list[torch.nn.Module]):
+    """Inside the block, `modules` do not compute: each passes its first input on unchanged
+    and records the keyword arguments it was called with (the yielded list, in call order);
+    the forward ends with `StopForward` once the last of them has been called. Hooks on the
+    modules still run."""
+    calls: list[dict] = []
+    own = [module.__dict__.get("forward") for module in modules]   # e.g. accelerate's wrapper
+
+    def recorder(last: bool):
+        def forward(hidden, *args, **kwargs):
+            assert not args, "decoder blocks are expected to take hidden states first"
+            calls.append(dict(kwargs))
+            if last:
+                raise StopForward
+            return hidden
+        return forward
+
+    for i, module in enumerate(modules):
+        module.forward = recorder(i == len(modules) - 1)
+    try:
+        yield calls
+    finally:
+        for module, forward in zip(modules, own):
+            del module.forward
+            if forward is not None:
+                module.forward = forward
+
+
 def run_until(fn, *args, **kwargs):
     """Call `fn`, treating a `StopForward` from a hook as a normal end."""
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tasks.extract.hooks import StopForward, first_tensor
+from tasks.extract.hooks import first_tensor, record_instead, run_until
 from tasks.extract.keys import group_mean
 from tasks.extract.tokens import TokenBatch
 from tasks.extract.write_space import stream_change
@@ -153,13 +153,46 @@ class LayerReplay:
     """
 
     def __init__(self, lm, layer: int, batch: TokenBatch):
-        from transformers import DynamicCache
-
         self.lm, self.layer, self.batch_size = lm, layer, batch.input_ids.shape[0]
         self.later = list(range(layer + 1, lm.num_layers))
         prefix_ids, prefix_mask, prefix_pos, self.suffix, suffix_pos = split_at_lookup(batch)
-        self.block_kwargs: list[dict] = []
         self.post_norm = lm.mlp_post_norm(layer)
+        with torch.no_grad():
+            cache = self._prefix_cache(prefix_ids, prefix_mask, prefix_pos)
+            self._record_suffix(prefix_mask, suffix_pos, cache)
+        base = lm.model.base_model
+        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
+
+    def _prefix_cache(self, prefix_ids, prefix_mask, prefix_pos):
+        """The prefixes through the whole model: their keys/values for the later blocks
+        (`self.prefix_kv`), and the cache the suffix pass continues. Rows with the same
+        prefix (a ground-truth row and its target_new row) go through once."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.model.config)
+        self.prefix_kv = {}
+        if prefix_ids.shape[1] == 0:
+            return cache
+        _, row_of = torch.unique(torch.cat([prefix_ids, prefix_mask], 1), dim=0,
+                                 return_inverse=True)                      # [B] -> unique
+        rows = torch.arange(len(row_of), device=row_of.device)
+        first = torch.full((int(row_of.max()) + 1,), len(row_of), device=row_of.device)
+        first = first.scatter_reduce(0, row_of, rows, "amin")             # a row per prefix
+        self.lm.model.base_model(input_ids=prefix_ids[first], attention_mask=prefix_mask[first],
+                                 position_ids=prefix_pos[first], past_key_values=cache,
+                                 use_cache=True)
+        cache.reorder_cache(row_of)                                       # back to [B, ...]
+        # Fully padded prefixes would leave NaNs in masked slots, which a zero attention
+        # weight would still spread.
+        self.prefix_kv = {i: tuple(torch.nan_to_num(t) for t in
+                                   (cache.layers[i].keys, cache.layers[i].values))
+                          for i in self.later}
+        return cache
+
+    def _record_suffix(self, prefix_mask, suffix_pos, cache) -> None:
+        """The suffixes up to block `layer`: the stream after it [B, S, d], the edited
+        projection's output at the lookup [B, d], and the keyword arguments (mask, rotary
+        embeddings) each later block is called with, which the later blocks do not compute."""
         store: dict = {}
 
         def keep_stream(_m, _inputs, output):
@@ -168,40 +201,19 @@ class LayerReplay:
         def keep_projection(_m, _inputs, output):
             store["projection"] = output[:, 0].detach()   # the lookup: suffix position 0
 
-        def keep_kwargs(_m, args, kwargs):
-            assert len(args) <= 1, "decoder blocks are expected to take hidden states first"
-            self.block_kwargs.append(dict(kwargs))
-            if len(self.block_kwargs) == len(self.later):
-                raise StopForward  # everything later blocks need is recorded
-
-        with torch.no_grad():
-            cache = DynamicCache(config=lm.model.config)
-            if prefix_ids.shape[1] > 0:
-                lm.model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask,
-                                    position_ids=prefix_pos, past_key_values=cache, use_cache=True)
-            # Keys/values of the prefix for the later blocks; fully padded prefixes would
-            # leave NaNs in masked slots, which a zero attention weight would still spread.
-            self.prefix_kv = {i: tuple(torch.nan_to_num(t) for t in
-                                       (cache.layers[i].keys, cache.layers[i].values))
-                              for i in self.later if prefix_ids.shape[1] > 0}
-            handles = [lm.block(layer).register_forward_hook(keep_stream),
-                       lm.mlp_out(layer).register_forward_hook(keep_projection)]
-            handles += [lm.block(i).register_forward_pre_hook(keep_kwargs, with_kwargs=True)
-                        for i in self.later]
-            try:
-                lm.model.base_model(
-                    input_ids=self.suffix.input_ids, position_ids=suffix_pos,
-                    attention_mask=torch.cat([prefix_mask, self.suffix.attention_mask], 1),
-                    past_key_values=cache, use_cache=True)
-            except StopForward:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-        self.stream = store["stream"]  # [B, S, d]: residual after block `layer`, suffix only
-        self.projection = store["projection"]  # [B, d]: the edited projection's output at lookup
-        base = lm.model.base_model
-        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
+        handles = [self.lm.block(self.layer).register_forward_hook(keep_stream),
+                   self.lm.mlp_out(self.layer).register_forward_hook(keep_projection)]
+        try:
+            with record_instead([self.lm.block(i) for i in self.later]) as calls:
+                run_until(self.lm.model.base_model, input_ids=self.suffix.input_ids,
+                          position_ids=suffix_pos, past_key_values=cache, use_cache=True,
+                          attention_mask=torch.cat([prefix_mask, self.suffix.attention_mask], 1))
+        finally:
+            for h in handles:
+                h.remove()
+        self.block_kwargs: list[dict] = calls
+        self.stream = store["stream"]
+        self.projection = store["projection"]
 
     def _cache(self, keep_rows: torch.Tensor | None):
         from transformers import DynamicCache
