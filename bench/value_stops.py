@@ -49,15 +49,16 @@ class Tally:
         self.delta_ratio += float(target.delta_ratio.sum())
 
 
-def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs):
-    """(seconds, TargetValues) of one batch of requests, as `tasks/edit_step.py` runs it."""
+def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs, compute=compute_target_values):
+    """(seconds, TargetValues) of one batch of requests, as `tasks/edit_step.py` runs it
+    (`compute`: compute_target_values or another version of it)."""
     rewrite, groups = rewrite_batch(lm.tokenizer, chunk, templates)
     kl = kl_batch(lm.tokenizer, chunk)
     truth = None
     if args.stop_on == "margin":
         truth = rewrite_batch(lm.tokenizer, chunk, templates, "ground_truth")[0]
     tic = time.perf_counter()
-    target = compute_target_values(lm, layer, rewrite, groups, kl, args, truth)
+    target = compute(lm, layer, rewrite, groups, kl, args, truth)
     return time.perf_counter() - tic, target
 
 

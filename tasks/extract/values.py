@@ -171,6 +171,7 @@ class LayerReplay:
 
         cache = DynamicCache(config=self.lm.model.config)
         self.prefix_kv = {}
+        self.prefix_of = torch.zeros(len(prefix_ids), dtype=torch.long, device=prefix_ids.device)
         if prefix_ids.shape[1] == 0:
             return cache
         _, row_of = torch.unique(torch.cat([prefix_ids, prefix_mask], 1), dim=0,
@@ -182,6 +183,7 @@ class LayerReplay:
                                  position_ids=prefix_pos[first], past_key_values=cache,
                                  use_cache=True)
         cache.reorder_cache(row_of)                                       # back to [B, ...]
+        self.prefix_of = row_of   # [B]: rows with equal values share their prefix
         # Fully padded prefixes would leave NaNs in masked slots, which a zero attention
         # weight would still spread.
         self.prefix_kv = {i: tuple(torch.nan_to_num(t) for t in
@@ -301,7 +303,8 @@ def length_buckets(lengths: list[int], rows_per_edit: int, row_overhead: int = 8
 class _DeltaLoss:
     """The per-edit loss of a bucket's deltas: target NLL over an edit's prompts, KL at its
     "{subject} is a" row, weight decay. Rows of the replay: rewrite rows, KL rows, then
-    (when given) the truth rows, which only score the margin."""
+    (when given) the truth rows, row for row the rewrite rows' prompts, which only score
+    the margin."""
 
     def __init__(self, replay: LayerReplay, groups: torch.Tensor, is_kl: torch.Tensor,
                  is_truth: torch.Tensor, n_edits: int, ref: torch.Tensor, args: ValueArgs):
@@ -310,14 +313,36 @@ class _DeltaLoss:
         self.rows = torch.arange(len(groups), device=groups.device)
         suffix = replay.suffix
         with torch.no_grad():
-            kl_rows = self.rows[is_kl]
-            self.kl_init = F.log_softmax(
-                replay.logits(replay.stream, kl_rows, suffix.last[kl_rows]), -1)
+            kl_rows = self.rows[is_kl]   # replayed alone: [k, vocab]
+            self.kl_init = F.log_softmax(replay.logits(
+                replay.stream[kl_rows], torch.arange(len(kl_rows), device=kl_rows.device),
+                suffix.last[kl_rows], keep_rows=kl_rows), -1)
+        self.answer_at = (suffix.labels != -100).int().argmax(1)          # [B] first label
+        self.truth_from = self._one_token_truths()
+
+    def _one_token_truths(self) -> torch.Tensor:
+        """[B]: for a truth row whose answer is one token and whose tokens before it are its
+        target_new row's, that row, whose logits at the answer predict both first tokens
+        (no forward of its own needed); -1 for every other row."""
+        source = torch.full_like(self.rows, -1)
+        if not self.is_truth.any():
+            return source
+        suffix, prefix_of = self.replay.suffix, self.replay.prefix_of
+        truth, new = self.rows[self.is_truth], self.rows[~self.is_truth & ~self.is_kl]
+        at = self.answer_at[truth]
+        cols = torch.arange(suffix.input_ids.shape[1], device=at.device)[None, :]
+        before = cols <= at[:, None]
+        same = (((suffix.input_ids[truth] == suffix.input_ids[new]) | ~before).all(1)
+                & (at == self.answer_at[new]) & (prefix_of[truth] == prefix_of[new])
+                & ((suffix.labels[truth] != -100).sum(1) == 1))
+        source[truth[same]] = new[same]
+        return source
 
     def row_nll(self, delta: torch.Tensor, keep_rows: torch.Tensor):
         """Rows `keep_rows` replayed under deltas [E, d]: their mean-token NLL [b, 1] (0 for
-        rows without labels), the log-probabilities [k, vocab] at the KL rows among them and
-        those rows' places k in `keep_rows`."""
+        rows without labels), the log-probabilities [k, vocab] at the KL rows among them,
+        those rows' places k in `keep_rows`, and the log-probabilities [b, vocab] at each
+        row's first answer position (detached; meaningless for rows without labels)."""
         suffix = self.replay.suffix
         stream = self.replay.shifted_stream(delta[self.groups[keep_rows]], keep_rows)
         labels = suffix.labels[keep_rows]
@@ -329,7 +354,25 @@ class _DeltaLoss:
         target_logp = F.log_softmax(logits[: len(t_rows)], -1)
         token_nll = -target_logp.gather(1, labels[t_rows, t_pos][:, None])       # [M, 1]
         row_nll = group_mean(token_nll, t_rows, len(keep_rows))                  # [b, 1]
-        return row_nll, F.log_softmax(logits[len(t_rows):], -1), k_rows
+        first = torch.searchsorted(t_rows, torch.arange(len(keep_rows), device=t_rows.device))
+        first_logp = target_logp.detach()[first.clamp(max=max(len(t_rows) - 1, 0))]
+        return row_nll, F.log_softmax(logits[len(t_rows):], -1), k_rows, first_logp
+
+    def truth_nll(self, delta: torch.Tensor, truth_rows: torch.Tensor, keep_rows: torch.Tensor,
+                  first_logp: torch.Tensor) -> torch.Tensor:
+        """Mean-token NLL [t, 1] of `truth_rows` under deltas [E, d]: read from their
+        target_new rows' `first_logp` (`row_nll` of `keep_rows`) where `truth_from` allows,
+        replayed for the rest."""
+        source = self.truth_from[truth_rows]
+        shared = source >= 0
+        place = torch.full_like(self.rows, -1)
+        place[keep_rows] = torch.arange(len(keep_rows), device=keep_rows.device)
+        token = self.replay.suffix.labels[truth_rows[shared], self.answer_at[truth_rows[shared]]]
+        nll = torch.empty(len(truth_rows), 1, dtype=first_logp.dtype, device=first_logp.device)
+        nll[shared] = -first_logp[place[source[shared]]].gather(1, token[:, None])
+        if not shared.all():
+            nll[~shared] = self.row_nll(delta, truth_rows[~shared])[0].to(nll.dtype)
+        return nll
 
     def __call__(self, delta: torch.Tensor, active: torch.Tensor):
         """(loss [E], target NLL [E], margin [E] or None) for deltas [E, d], computed on
@@ -339,7 +382,7 @@ class _DeltaLoss:
         active_rows = active[self.groups]
         keep_rows = self.rows[active_rows & ~self.is_truth]
         sub_groups, sub_new = self.groups[keep_rows], ~self.is_kl[keep_rows]
-        row_nll, kl_logp, k_rows = self.row_nll(delta, keep_rows)
+        row_nll, kl_logp, k_rows, first_logp = self.row_nll(delta, keep_rows)
         nll = group_mean(row_nll[sub_new], sub_groups[sub_new], self.n_edits).squeeze(1)  # [E]
         kl_edits = sub_groups[k_rows]
         kl_div = torch.zeros(self.n_edits, device=delta.device, dtype=kl_logp.dtype).index_add(
@@ -349,7 +392,8 @@ class _DeltaLoss:
         if len(truth_rows) == 0:
             return loss, nll, None
         with torch.no_grad():   # truth rows pair with the new-target rows in the same order
-            gap = (self.row_nll(delta, truth_rows)[0] - row_nll[sub_new].detach()).squeeze(1)
+            truth_nll = self.truth_nll(delta, truth_rows, keep_rows, first_logp)
+            gap = (truth_nll - row_nll[sub_new].detach()).squeeze(1)
         margin = torch.full((self.n_edits,), float("inf"), device=gap.device,
                             dtype=gap.dtype).scatter_reduce(0, sub_groups[sub_new], gap, "amin")
         return loss, nll, margin

@@ -1,0 +1,50 @@
+"""The margin stop's ground-truth scores: a one-token truth read from its target_new row's
+logits is the score a replay of the truth row gives (smollm2-135m, whose CounterFact truths
+are mostly one token; the tiny models' byte tokenizer has none)."""
+
+import pytest
+import torch
+
+from tasks.data import load_requests
+from tasks.extract import values
+from tasks.extract.prompts import kl_batch, make_context_templates, rewrite_batch
+from tasks.models import load_model
+from tests.conftest import EDIT_DATA
+
+MARGIN = values.ValueArgs(stop_on="margin", margin=2.0, steps=4)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def optimise(lm, requests):
+    templates = make_context_templates(lm, 2, MARGIN.prefix_tokens, seed=0)
+    rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
+    truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0]
+    return values.compute_target_values(lm, lm.spec.edit_layers[-1], rewrite, groups,
+                                        kl_batch(lm.tokenizer, requests), MARGIN, truth)
+
+
+def test_one_token_truths_score_as_their_own_replay(smollm2, monkeypatch):
+    torch.manual_seed(0)
+    requests = load_requests(EDIT_DATA, limit=4)
+    shared = []
+    found = values._DeltaLoss._one_token_truths
+
+    def spy(self):
+        source = found(self)
+        shared.append(int((source >= 0).sum()))
+        return source
+
+    monkeypatch.setattr(values._DeltaLoss, "_one_token_truths", spy)
+    read = optimise(smollm2, requests)
+    assert sum(shared) > 0, "no truth row took the shared path"
+
+    monkeypatch.setattr(values._DeltaLoss, "_one_token_truths",
+                        lambda self: torch.full_like(self.rows, -1))
+    replayed = optimise(smollm2, requests)
+    torch.testing.assert_close(read.margin, replayed.margin, atol=1e-4, rtol=1e-5)
+    assert torch.equal(read.steps, replayed.steps)
+    torch.testing.assert_close(read.delta, replayed.delta, atol=1e-4, rtol=1e-4)
