@@ -3,10 +3,13 @@ anchor deviation finished runs measured.
 
     python -m bench.deviation_prediction --grid-dir /root/rlsedit-runs/grid-fidelity-sweep --append
 
-For every finished single-layer RLSEdit cell under the grid folders, the cell's first batch
-is extracted again exactly as its stream did (same config, context templates, unedited
-model), the prediction for the cell's μ after its number of batches is computed, and set
-beside the deviation of the cell's final weights (`bench.sweep_report.final_deviation`).
+For every finished single-layer RLSEdit cell with a fixed μ under the grid folders, the
+cell's first batch is extracted again exactly as its stream did (same config, context
+templates, unedited model), the prediction for the cell's μ after its number of batches is
+computed, and set beside the deviation of the cell's final weights
+(`bench.sweep_report.final_deviation`). Every cell run with `deviation_budget` gets a second
+table from what it logged: per edit layer the μ it chose, the deviation predicted for the
+end of the run, and the deviation measured at each of its evaluation points.
 """
 
 from __future__ import annotations
@@ -69,17 +72,51 @@ def prediction_row(name: str, summary: dict) -> list[str]:
             f"{measured:.3f}", f"{predicted / measured:.2f}"]
 
 
+def budget_rows(name: str, summary: dict) -> list[list[str]]:
+    """Per edit layer of a budget cell: budget, chosen μ, predicted deviation after the
+    planned edits, measured deviation at each evaluation point, predicted / last measured."""
+    budget = summary["editor_settings"]["deviation_budget"]
+    points = [h for h in summary["history"] if "anchor_deviation" in h]
+    rows = []
+    for layer in summary["edit_layers"]:
+        final = summary["final"]
+        predicted = final[f"budget_predicted_deviation.L{layer}"]
+        measured = [h[f"anchor_deviation.L{layer}"] for h in points]
+        rows.append([name, str(layer), f"{budget:g}", f"{final[f'budget_mu.L{layer}']:.4g}",
+                     f"{predicted:.4f}", " / ".join(f"{m:.4f}" for m in measured),
+                     f"{predicted / measured[-1]:.2f}"])
+    return rows
+
+
+def budget_table(cells: dict[str, dict]) -> str:
+    lines = ["| cell | layer | budget | chosen μ | predicted at the end | measured at "
+             "the evaluation points | predicted / last measured |", "|---|---|---|---|---|---|---|"]
+    for name, summary in cells.items():
+        points = ", ".join(str(h["edits"]) for h in summary["history"] if "anchor_deviation" in h)
+        lines += ["| " + " | ".join(r) + " |" for r in budget_rows(f"{name} ({points} edits)", summary)]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid-dir", nargs="+", required=True)
     parser.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    cells = {name: s for name, s in read_cells(args.grid_dir).items()
-             if s["editor_settings"]["kind"] == "rls" and len(s["edit_layers"]) == 1}
-    lines = ["| cell | μ | edits | predicted deviation (first batch) | measured | predicted / measured |",
-             "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(prediction_row(name, s)) + " |" for name, s in cells.items()]
-    body = "\n".join(lines)
+    rls = {name: s for name, s in read_cells(args.grid_dir).items()
+           if s["editor_settings"]["kind"] == "rls"}
+    fixed = {name: s for name, s in rls.items()
+             if len(s["edit_layers"]) == 1 and s["editor_settings"].get("deviation_budget") is None}
+    budgets = {name: s for name, s in rls.items()
+               if s["editor_settings"].get("deviation_budget") is not None}
+    parts = []
+    if fixed:
+        lines = ["| cell | μ | edits | predicted deviation (first batch) | measured | "
+                 "predicted / measured |", "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(prediction_row(name, s)) + " |" for name, s in fixed.items()]
+        parts.append("\n".join(lines))
+    if budgets:
+        parts.append(budget_table(budgets))
+    body = "\n\n".join(parts)
     print(body)
     if args.append:
         append_section("Deviation budget: predicted against measured anchor deviation",
