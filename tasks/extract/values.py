@@ -10,12 +10,15 @@ on Gemma-2/3 it passes through the post-MLP norm before it reaches the stream.
 
 Hot path (docs/benchmarks.md measures each step):
 - each row is cut at its subject's last token; the prefix before it cannot see the delta,
-  so it goes through the model once and enters every step as a key/value cache;
+  so it goes through the model once (once per distinct prefix) and enters every step as a
+  key/value cache;
 - one no-grad pass over the suffixes records the residual stream after block `z_layer`
-  and the keyword arguments every later block is called with (mask, rotary embeddings);
+  and the keyword arguments every later block is called with (mask, rotary embeddings),
+  without running the later blocks;
 - each Adam step replays only blocks `z_layer+1 ..` on that stream plus the delta, and
   projects to the vocabulary only at the positions that are scored;
-- edits are optimised in buckets of similar suffix length; converged edits leave the batch.
+- edits are optimised in buckets of similar suffix length; converged edits leave the batch;
+- the margin stop's one-token ground truths are read from the target_new rows' logits.
 No parameter needs a gradient; only the deltas do.
 """
 
