@@ -320,32 +320,35 @@ class _DeltaLoss:
             self.kl_init = F.log_softmax(replay.logits(
                 replay.stream[kl_rows], torch.arange(len(kl_rows), device=kl_rows.device),
                 suffix.last[kl_rows], keep_rows=kl_rows), -1)
-        self.answer_at = (suffix.labels != -100).int().argmax(1)          # [B] first label
-        self.truth_from = self._one_token_truths()
+        self.truth_from, self.truth_token = self._one_token_truths()
 
-    def _one_token_truths(self) -> torch.Tensor:
-        """[B]: for a truth row whose answer is one token and whose tokens before it are its
-        target_new row's, that row, whose logits at the answer predict both first tokens
-        (no forward of its own needed); -1 for every other row."""
-        source = torch.full_like(self.rows, -1)
+    def _one_token_truths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source [B], token [B]). A truth row whose answer is one token and whose tokens
+        before it are its target_new row's needs no forward of its own: that row's logits
+        at the answer predict both first tokens. `source` holds, at such a truth row, its
+        target_new row (-1 elsewhere); `token`, at that target_new row, the truth's token."""
+        source, token = torch.full_like(self.rows, -1), torch.zeros_like(self.rows)
         if not self.is_truth.any():
-            return source
+            return source, token
         suffix, prefix_of = self.replay.suffix, self.replay.prefix_of
         truth, new = self.rows[self.is_truth], self.rows[~self.is_truth & ~self.is_kl]
-        at = self.answer_at[truth]
+        answer_at = (suffix.labels != -100).int().argmax(1)               # [B] first label
+        at = answer_at[truth]
         cols = torch.arange(suffix.input_ids.shape[1], device=at.device)[None, :]
         before = cols <= at[:, None]
         same = (((suffix.input_ids[truth] == suffix.input_ids[new]) | ~before).all(1)
-                & (at == self.answer_at[new]) & (prefix_of[truth] == prefix_of[new])
+                & (at == answer_at[new]) & (prefix_of[truth] == prefix_of[new])
                 & ((suffix.labels[truth] != -100).sum(1) == 1))
         source[truth[same]] = new[same]
-        return source
+        token[new[same]] = suffix.labels[truth[same], at[same]]
+        return source, token
 
     def row_nll(self, delta: torch.Tensor, keep_rows: torch.Tensor):
         """Rows `keep_rows` replayed under deltas [E, d]: their mean-token NLL [b, 1] (0 for
         rows without labels), the log-probabilities [k, vocab] at the KL rows among them,
-        those rows' places k in `keep_rows`, and the log-probabilities [b, vocab] at each
-        row's first answer position (detached; meaningless for rows without labels)."""
+        those rows' places k in `keep_rows`, and each row's log-probability [b, 1] of
+        `truth_token` at its first answer position (detached; meaningless but for the
+        sources of `truth_from`)."""
         suffix = self.replay.suffix
         stream = self.replay.shifted_stream(delta[self.groups[keep_rows]], keep_rows)
         labels = suffix.labels[keep_rows]
@@ -359,20 +362,20 @@ class _DeltaLoss:
         row_nll = group_mean(token_nll, t_rows, len(keep_rows))                  # [b, 1]
         first = torch.searchsorted(t_rows, torch.arange(len(keep_rows), device=t_rows.device))
         first_logp = target_logp.detach()[first.clamp(max=max(len(t_rows) - 1, 0))]
-        return row_nll, F.log_softmax(logits[len(t_rows):], -1), k_rows, first_logp
+        truth_logp = first_logp.gather(1, self.truth_token[keep_rows][:, None])
+        return row_nll, F.log_softmax(logits[len(t_rows):], -1), k_rows, truth_logp
 
     def truth_nll(self, delta: torch.Tensor, truth_rows: torch.Tensor, keep_rows: torch.Tensor,
-                  first_logp: torch.Tensor) -> torch.Tensor:
+                  truth_logp: torch.Tensor) -> torch.Tensor:
         """Mean-token NLL [t, 1] of `truth_rows` under deltas [E, d]: read from their
-        target_new rows' `first_logp` (`row_nll` of `keep_rows`) where `truth_from` allows,
+        target_new rows' `truth_logp` (`row_nll` of `keep_rows`) where `truth_from` allows,
         replayed for the rest."""
         source = self.truth_from[truth_rows]
         shared = source >= 0
         place = torch.full_like(self.rows, -1)
         place[keep_rows] = torch.arange(len(keep_rows), device=keep_rows.device)
-        token = self.replay.suffix.labels[truth_rows[shared], self.answer_at[truth_rows[shared]]]
-        nll = torch.empty(len(truth_rows), 1, dtype=first_logp.dtype, device=first_logp.device)
-        nll[shared] = -first_logp[place[source[shared]]].gather(1, token[:, None])
+        nll = torch.empty(len(truth_rows), 1, dtype=truth_logp.dtype, device=truth_logp.device)
+        nll[shared] = -truth_logp[place[source[shared]]]
         if not shared.all():
             nll[~shared] = self.row_nll(delta, truth_rows[~shared])[0].to(nll.dtype)
         return nll
@@ -385,7 +388,7 @@ class _DeltaLoss:
         active_rows = active[self.groups]
         keep_rows = self.rows[active_rows & ~self.is_truth]
         sub_groups, sub_new = self.groups[keep_rows], ~self.is_kl[keep_rows]
-        row_nll, kl_logp, k_rows, first_logp = self.row_nll(delta, keep_rows)
+        row_nll, kl_logp, k_rows, truth_logp = self.row_nll(delta, keep_rows)
         nll = group_mean(row_nll[sub_new], sub_groups[sub_new], self.n_edits).squeeze(1)  # [E]
         kl_edits = sub_groups[k_rows]
         kl_div = torch.zeros(self.n_edits, device=delta.device, dtype=kl_logp.dtype).index_add(
@@ -395,7 +398,7 @@ class _DeltaLoss:
         if len(truth_rows) == 0:
             return loss, nll, None
         with torch.no_grad():   # truth rows pair with the new-target rows in the same order
-            truth_nll = self.truth_nll(delta, truth_rows, keep_rows, first_logp)
+            truth_nll = self.truth_nll(delta, truth_rows, keep_rows, truth_logp)
             gap = (truth_nll - row_nll[sub_new].detach()).squeeze(1)
         margin = torch.full((self.n_edits,), float("inf"), device=gap.device,
                             dtype=gap.dtype).scatter_reduce(0, sub_groups[sub_new], gap, "amin")

@@ -34,16 +34,16 @@ def test_one_token_truths_score_as_their_own_replay(smollm2, monkeypatch):
     found = values._DeltaLoss._one_token_truths
 
     def spy(self):
-        source = found(self)
+        source, token = found(self)
         shared.append(int((source >= 0).sum()))
-        return source
+        return source, token
 
     monkeypatch.setattr(values._DeltaLoss, "_one_token_truths", spy)
     read = optimise(smollm2, requests)
     assert sum(shared) > 0, "no truth row took the shared path"
 
     monkeypatch.setattr(values._DeltaLoss, "_one_token_truths",
-                        lambda self: torch.full_like(self.rows, -1))
+                        lambda self: (torch.full_like(self.rows, -1), torch.zeros_like(self.rows)))
     replayed = optimise(smollm2, requests)
     torch.testing.assert_close(read.margin, replayed.margin, atol=1e-4, rtol=1e-5)
     assert torch.equal(read.steps, replayed.steps)
