@@ -116,11 +116,22 @@ def value_setup(opts):
     return lm, lm.spec.edit_layers[-1], requests, templates
 
 
+def value_report(text: str, heading: str, module: str, opts, argv) -> None:
+    """Print a value benchmark's table; with --append, add it to docs/benchmarks.md under
+    `heading`, the model, the edits, the command line and the machine's thread count."""
+    print(text)
+    if opts.append:
+        append_section(f"{heading}, {opts.model}, {opts.edits} edits of {Path(opts.data).name}",
+                       command_line(module, argv),
+                       f"{platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads", text)
+
+
 def main(argv=None):
     opts = value_parser(__doc__.split("\n")[0], 20, [1, 10]).parse_args(argv)
     lm, layer, requests, templates = value_setup(opts)
     base = ValueArgs()
-    never_stop = replace(base, early_stop_nll=-1.0)
+    never_stop = replace(base, early_stop=-1.0)   # the NLL stop never met
     rows = []
     real_split = values_mod.split_at_lookup
     for batch_size in opts.batch_sizes:
@@ -139,13 +150,7 @@ def main(argv=None):
     plain = {b: s for b, n, s in rows if n == "plain"}
     table = ["| batch | variant | s per edit | speed-up over plain |", "|---|---|---|---|"]
     table += [f"| {b} | {n} | {s:.2f} | {plain[b] / s:.1f}x |" for b, n, s in rows]
-    text = "\n".join(table)
-    print(text)
-    if opts.append:
-        append_section(f"Target-value optimisation, {opts.model}, {opts.edits} edits of "
-                       f"{Path(opts.data).name}", command_line("bench.profile_values", argv),
-                       f"{platform.processor() or platform.machine()}, "
-                       f"{torch.get_num_threads()} threads", text)
+    value_report("\n".join(table), "Target-value optimisation", "bench.profile_values", opts, argv)
 
 
 def _no_prefix(batch, real_split):

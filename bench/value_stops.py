@@ -15,15 +15,10 @@ by the grid (docs/benchmarks.md, "Fidelity sweep"), not here.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import torch
-
-from bench.docs import append_section, command_line
-from bench.profile_values import value_parser, value_setup
+from bench.profile_values import value_parser, value_report, value_setup
 from tasks.extract.prompts import kl_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
 
@@ -100,15 +95,8 @@ def main(argv=None):
     lm, layer, requests, templates = value_setup(opts)
     results = {b: measure(lm, layer, requests, templates, b, opts.variants)
                for b in opts.batch_sizes}
-    text = table(results)
-    print(text)
-    if opts.append:
-        append_section(f"Target-value stop rule and batch size, {opts.model}, {opts.edits} "
-                       f"edits of {Path(opts.data).name}",
-                       command_line("bench.value_stops", argv),
-                       f"{platform.processor() or platform.machine()}, "
-                       f"{torch.get_num_threads()} threads", text)
-
+    value_report(table(results), "Target-value stop rule and batch size", "bench.value_stops",
+                 opts, argv)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ both alike. Settings: the streams' default, the 2-nat margin stop.
 from __future__ import annotations
 
 import importlib.util
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.docs import append_section, command_line
-from bench.profile_values import value_parser, value_setup
+from bench.profile_values import value_parser, value_report, value_setup
 from bench.value_stops import VARIANTS, Tally, optimise_chunk
 from tasks.extract import values
 
@@ -97,15 +95,8 @@ def main(argv=None):
     versions = {opts.before: values_at(opts.before), "today": values}
     results = {b: measure(lm, layer, requests, templates, b, versions)
                for b in opts.batch_sizes}
-    text = table(results)
-    print(text)
-    if opts.append:
-        append_section(f"Target-value optimisation before and after, {opts.model}, "
-                       f"{opts.edits} edits of {Path(opts.data).name}",
-                       command_line("bench.value_versions", argv),
-                       f"{platform.processor() or platform.machine()}, "
-                       f"{torch.get_num_threads()} threads", text)
-
+    value_report(table(results), "Target-value optimisation before and after",
+                 "bench.value_versions", opts, argv)
 
 if __name__ == "__main__":
     main()
