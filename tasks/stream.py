@@ -52,6 +52,8 @@ class StreamConfig:
     eval_max: int = 200             # intermediate evaluations score at most this many edits
     retention_fraction: float = 0.1  # retention = metrics of the first 10% after all edits
     retention_edits: int | None = None  # or of exactly this many first edits
+    retention_also: list[int] = field(default_factory=list)  # more first-k windows, scored
+    # at every point too and logged as retention<k>_<metric> (a 10K stream: [1000])
     fluency_samples: int = 50       # edit prompts generated from for fluency (0: skip)
     fluency_tokens: int = 50
     eval_batch_size: int = 32
@@ -177,7 +179,7 @@ PAIRED_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
                  "fluency_samples", "fluency_tokens", "neighbours", "max_text_chars",
-                 "heldout", "capability")
+                 "heldout", "capability", "retention_also")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -218,11 +220,14 @@ def scored_evaluation(lm, requests, cfg: StreamConfig, n_done: int,
     if not final and n_done > cfg.eval_max:
         picked = [int(i * n_done / cfg.eval_max) for i in range(cfg.eval_max)]
     early = list(range(min(cfg.retention_k, n_done)))
-    union = sorted(set(picked) | set(early))
+    windows = {f"retention{k}_": list(range(min(k, n_done))) for k in cfg.retention_also}
+    union = sorted(set(picked).union(early, *windows.values()))
     scores = dict(zip(union, score_requests(lm, [requests[i] for i in union],
                                             cfg.eval_batch_size)))
     metrics = aggregate([scores[i] for i in picked])
     metrics.update(aggregate([scores[i] for i in early], "retention_"))
+    for prefix, window in windows.items():
+        metrics.update(aggregate([scores[i] for i in window], prefix))
     per_request = {"edits": picked}
     for name in PAIRED_METRICS:
         per_request[name] = [scores[i][name] for i in picked]
@@ -237,7 +242,8 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
                       else cfg.data, cfg.offset, cfg.num_edits, cfg.retention_k,
                       cfg.fluency_samples, cfg.fluency_tokens]
                      + ([True] if cfg.skip_bad_records else [])    # old keys stay valid
-                     + ([to_dict(cfg.neighbours)] if cfg.neighbours.pool else []))
+                     + ([to_dict(cfg.neighbours)] if cfg.neighbours.pool else [])
+                     + ([cfg.retention_also] if cfg.retention_also else []))
     path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.exists():
         return json.loads(path.read_text())["scores"]
