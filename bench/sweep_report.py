@@ -104,9 +104,17 @@ def table(cells: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_label(summary: dict) -> str:
+    """The trade-off plot's line of a cell: its editor kind, and its edit layers when the
+    cell has more than one ("rls L2-6")."""
+    kind = summary["editor_settings"]["kind"]
+    layers = summary.get("edit_layers") or []
+    return kind if len(layers) < 2 else f"{kind} L{layers[0]}-{layers[-1]}"
+
+
 def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
-    """Efficacy against held-out perplexity, one line per editor kind through its settings
-    in order of perplexity."""
+    """Efficacy against held-out perplexity, one line per editor kind (and edit layers)
+    through its settings in order of perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +125,8 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
     for name, s in cells.items():
         kind = s["editor_settings"]["kind"]
         setting = s["editor_settings"].get(SETTING_KEY.get(kind, ""), None)
-        kinds.setdefault(kind, []).append((setting or 0.0, s["final"].get("perplexity"),
-                                           s["final"]["efficacy"], name))
+        kinds.setdefault(curve_label(s), []).append((setting or 0.0, s["final"].get("perplexity"),
+                                                     s["final"]["efficacy"], name))
     for kind, points in sorted(kinds.items()):
         points = sorted((p for p in points if p[1] is not None), key=lambda p: p[1])
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=kind)
