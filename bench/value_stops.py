@@ -8,8 +8,8 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
 - margin2: an edit stops once target_new beats ground_truth by 2 nats of mean-token
            log-probability on every prompt (the streams' default since, `tasks/stream.py`);
 - margin3: the same with 3 nats.
-The variants take turns on each chunk of edits, so that load from other processes falls
-on all of them alike. What each costs in edit quality over a sequential stream is measured
+The variants and batch sizes take turns on each round of edits (as many as the largest
+batch), so that load from other processes falls on all of them alike. What each costs in edit quality over a sequential stream is measured
 by the grid (docs/benchmarks.md, "Fidelity sweep"), not here.
 """
 
@@ -57,18 +57,24 @@ def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs, compute=compute
     return time.perf_counter() - tic, target
 
 
-def measure(lm, layer, requests, templates, batch_size: int, variants: list[str]) -> dict:
-    """{variant: Tally} over `requests` cut into batches, the variants taking turns."""
-    tallies = {name: Tally() for name in variants}
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        for name in variants:
-            seconds, target = optimise_chunk(lm, layer, chunk, templates,
-                                             replace(ValueArgs(), **VARIANTS[name]))
-            tallies[name].add(seconds, target)
-        print(f"batch {batch_size}: {start + len(chunk)}/{len(requests)} edits "
-              + ", ".join(f"{n} {t.seconds / t.edits:.2f} s/edit" for n, t in tallies.items()),
-              flush=True)
+def measure(lm, layer, requests, templates, batch_sizes: list[int], variants: list[str]) -> dict:
+    """{batch size: {variant: Tally}} over `requests`, taken in rounds of the largest batch
+    size: within a round every batch size and variant optimises the round's edits in turn,
+    so that load from other processes falls on all of them alike."""
+    tallies = {b: {name: Tally() for name in variants} for b in batch_sizes}
+    size = max(batch_sizes)
+    for round_start in range(0, len(requests), size):
+        chunk_of_round = requests[round_start:round_start + size]
+        for batch_size in batch_sizes:
+            for start in range(0, len(chunk_of_round), batch_size):
+                chunk = chunk_of_round[start:start + batch_size]
+                for name in variants:
+                    seconds, target = optimise_chunk(lm, layer, chunk, templates,
+                                                     replace(ValueArgs(), **VARIANTS[name]))
+                    tallies[batch_size][name].add(seconds, target)
+        print(f"{round_start + len(chunk_of_round)}/{len(requests)} edits: " + "; ".join(
+            f"batch {b} {n} {t.seconds / t.edits:.2f} s/edit"
+            for b, by_variant in tallies.items() for n, t in by_variant.items()), flush=True)
     return tallies
 
 
@@ -93,8 +99,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     opts = parser.parse_args(argv)
     lm, layer, requests, templates = value_setup(opts)
-    results = {b: measure(lm, layer, requests, templates, b, opts.variants)
-               for b in opts.batch_sizes}
+    results = measure(lm, layer, requests, templates, opts.batch_sizes, opts.variants)
     value_report(table(results), "Target-value stop rule and batch size", "bench.value_stops",
                  opts, argv)
 
