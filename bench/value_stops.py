@@ -9,8 +9,9 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
            log-probability on every prompt (the streams' default since, `tasks/stream.py`);
 - margin3: the same with 3 nats.
 The variants and batch sizes take turns on each round of edits (as many as the largest
-batch), so that load from other processes falls on all of them alike. What each costs in edit quality over a sequential stream is measured
-by the grid (docs/benchmarks.md, "Fidelity sweep"), not here.
+batch), so that load from other processes falls on all of them alike. What each costs in
+edit quality over a sequential stream is measured by the grid (docs/benchmarks.md,
+"Fidelity sweep"), not here.
 """
 
 from __future__ import annotations
