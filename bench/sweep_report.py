@@ -135,6 +135,8 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
     base = next(iter(cells.values()))["unedited"]
     ax.axvline(base["perplexity"], color="grey", linestyle="--", linewidth=1,
                label="unedited perplexity")
+    ax.axvline(1.1 * base["perplexity"], color="grey", linestyle=":", linewidth=1,
+               label="unedited + 10% (issue 13's bound)")
     ax.set_xlabel("held-out token perplexity (lower is better)")
     ax.set_ylabel("efficacy")
     ax.grid(alpha=0.3)
@@ -152,7 +154,9 @@ def main(argv=None) -> None:
     cells = read_cells(args.grid_dir)
     body = table(cells)
     if args.plot:
-        body += f"\n\n![efficacy against held-out perplexity]({Path(args.plot).relative_to('docs')})"
+        shown = Path(args.plot)
+        shown = shown.relative_to("docs") if shown.is_relative_to("docs") else shown.resolve()
+        body += f"\n\n![efficacy against held-out perplexity]({shown})"
         plot_tradeoff(cells, args.plot)
     print(body)
     if args.append:
