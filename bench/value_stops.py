@@ -7,7 +7,8 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
 - nll:     an edit stops once its target NLL < 5e-2 (the default before issue 15);
 - margin2: an edit stops once target_new beats ground_truth by 2 nats of mean-token
            log-probability on every prompt (the streams' default since, `tasks/stream.py`);
-- margin3: the same with 3 nats.
+- margin3: the same with 3 nats;
+- margin2-bf16: margin2 with the Adam steps' replays under bfloat16 autocast.
 The variants and batch sizes take turns on each round of edits (as many as the largest
 batch), so that load from other processes falls on all of them alike. What each costs in
 edit quality over a sequential stream is measured by the grid (docs/benchmarks.md,
@@ -25,7 +26,8 @@ from tasks.extract.values import ValueArgs, compute_target_values
 
 VARIANTS = {"nll": {"stop_on": "nll"},
             "margin2": {"stop_on": "margin", "margin": 2.0},
-            "margin3": {"stop_on": "margin", "margin": 3.0}}
+            "margin3": {"stop_on": "margin", "margin": 3.0},
+            "margin2-bf16": {"stop_on": "margin", "margin": 2.0, "autocast": "bfloat16"}}
 
 
 @dataclass

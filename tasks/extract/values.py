@@ -24,9 +24,12 @@ No parameter needs a gradient; only the deltas do.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
 from tasks.extract.hooks import first_tensor, record_instead, run_until
@@ -54,12 +57,27 @@ class ValueArgs:
     margin: float = 2.0           # nats of mean-token log-probability, for stop_on: margin
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+    autocast: str | None = None   # bfloat16: the Adam steps' replays under torch.autocast
+                                  # (the stream, the clamp and the written delta stay float32)
 
     def __post_init__(self):
         if self.decay_form not in ("memit", "squared"):
             raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
         if self.stop_on not in ("total", "nll", "margin"):
             raise ValueError(f"values.stop_on must be total, nll or margin, got {self.stop_on!r}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"values.autocast must be null, bfloat16 or float16, got {self.autocast!r}")
+
+    def precision(self, device: torch.device):
+        """The autocast context of the Adam steps' replays (a no-op when `autocast` is null).
+        Attention takes the math kernel there: on CPU the fused kernel's backward in
+        bfloat16 costs more than the matmuls save (docs/benchmarks.md)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, self.autocast)))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def decay(self, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """Weight decay [E] of deltas [E, d] against the reference vectors ref [E, d]."""
@@ -155,7 +173,7 @@ class LayerReplay:
     and enters as a key/value cache, since a delta at the lookup cannot change it.
     """
 
-    def __init__(self, lm, layer: int, batch: TokenBatch):
+    def __init__(self, lm, layer: int, batch: TokenBatch, dtype: torch.dtype | None = None):
         self.lm, self.layer, self.batch_size = lm, layer, batch.input_ids.shape[0]
         self.later = list(range(layer + 1, lm.num_layers))
         prefix_ids, prefix_mask, prefix_pos, self.suffix, suffix_pos = split_at_lookup(batch)
@@ -164,7 +182,12 @@ class LayerReplay:
             cache = self._prefix_cache(prefix_ids, prefix_mask, prefix_pos)
             self._record_suffix(prefix_mask, suffix_pos, cache)
         base = lm.model.base_model
-        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
+        norm = getattr(base, "norm", None) or getattr(base, "final_layernorm")
+        # The modules `logits` runs: the model's own, or copies in `dtype` (one cast per
+        # replay instead of one per step under autocast, which recasts frozen weights).
+        self.blocks = [lm.block(i) for i in self.later] + [norm, lm.model.get_output_embeddings()]
+        if dtype is not None:
+            self.blocks = [copy.deepcopy(m).to(dtype) for m in self.blocks]
 
     def _prefix_cache(self, prefix_ids, prefix_mask, prefix_pos):
         """The prefixes through the whole model: their keys/values for the later blocks
@@ -236,12 +259,13 @@ class LayerReplay:
         return logits [M, vocab] at (`rows`, `positions`) of that sub-batch (suffix frame)."""
         hidden = stream
         cache = self._cache(keep_rows)
-        for i, kwargs in zip(self.later, self.block_kwargs):
+        *blocks, norm, head = self.blocks
+        for block, kwargs in zip(blocks, self.block_kwargs):
             if keep_rows is not None:
                 kwargs = _select_rows(kwargs, keep_rows, self.batch_size)
             kwargs = {**kwargs, "past_key_values": cache}
-            hidden = first_tensor(self.lm.block(i)(hidden, **kwargs))
-        return vocab_logits(self.lm.model, self.norm(hidden[rows, positions]))
+            hidden = first_tensor(block(hidden, **kwargs))
+        return vocab_logits(self.lm.model, norm(hidden[rows, positions]), head)
 
     def shifted_stream(self, delta_rows: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
         """The stream [b, S, d] of rows `keep_rows` with the projection's output at each
@@ -417,7 +441,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     # One replay over rewrite, KL (and truth) rows together, padded to one width.
     parts = [rewrite, kl] + ([truth] if truth is not None else [])
     joint = _concat(parts, max(part.input_ids.shape[1] for part in parts))
-    replay = LayerReplay(lm, z_layer, joint)
+    replay = LayerReplay(lm, z_layer, joint, args.autocast and getattr(torch, args.autocast))
     device = joint.input_ids.device
     kinds = torch.cat([torch.full((part.input_ids.shape[0],), kind, device=device)
                        for kind, part in enumerate(parts)])                  # 0, 1, 2
@@ -428,7 +452,8 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     stream_init = replay.stream[first_row, 0]                               # [E, d]
     ref = stream_init if replay.post_norm is None else replay.projection[first_row]
     max_norm = args.clamp_norm_factor * ref.norm(dim=1)                     # [E]
-    loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
+    with args.precision(device):
+        loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
 
     delta = torch.zeros_like(ref, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=args.lr)
@@ -437,7 +462,8 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     final_margin = torch.full((n_edits,), float("nan"), device=device)
     steps = torch.zeros(n_edits, device=device)
     for step in range(args.steps + 1):     # the last pass only scores the last step
-        loss, nll, margin = loss_of(delta, active)
+        with args.precision(device):
+            loss, nll, margin = loss_of(delta, active)
         final_nll[active] = nll.detach()[active].to(final_nll.dtype)
         if margin is not None:
             final_margin[active] = margin[active].to(final_margin.dtype)

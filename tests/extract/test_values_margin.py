@@ -2,6 +2,8 @@
 logits is the score a replay of the truth row gives (smollm2-135m, whose CounterFact truths
 are mostly one token; the tiny models' byte tokenizer has none)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,12 +21,12 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-def optimise(lm, requests):
-    templates = make_context_templates(lm, 2, MARGIN.prefix_tokens, seed=0)
+def optimise(lm, requests, args=MARGIN):
+    templates = make_context_templates(lm, 2, args.prefix_tokens, seed=0)
     rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
     truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0]
     return values.compute_target_values(lm, lm.spec.edit_layers[-1], rewrite, groups,
-                                        kl_batch(lm.tokenizer, requests), MARGIN, truth)
+                                        kl_batch(lm.tokenizer, requests), args, truth)
 
 
 def test_one_token_truths_score_as_their_own_replay(smollm2, monkeypatch):
@@ -48,3 +50,23 @@ def test_one_token_truths_score_as_their_own_replay(smollm2, monkeypatch):
     torch.testing.assert_close(read.margin, replayed.margin, atol=1e-4, rtol=1e-5)
     assert torch.equal(read.steps, replayed.steps)
     torch.testing.assert_close(read.delta, replayed.delta, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_replays_find_the_float32_deltas(smollm2):
+    """`values.autocast: bfloat16` (issue 15) steers the same Adam steps: per-edit deltas
+    within a few degrees of float32's, margins within a tenth of a nat, and the model's
+    own weights left in float32."""
+    torch.manual_seed(0)
+    requests = load_requests(EDIT_DATA, limit=4)
+    full = optimise(smollm2, requests)
+    half = optimise(smollm2, requests, dataclasses.replace(MARGIN, autocast="bfloat16"))
+    cosine = torch.nn.functional.cosine_similarity(full.delta, half.delta, dim=1)
+    assert cosine.min() > 0.99, cosine
+    torch.testing.assert_close(half.margin, full.margin, atol=0.1, rtol=0)
+    assert half.delta.dtype == torch.float32
+    assert {p.dtype for p in smollm2.model.parameters()} == {torch.float32}
+
+
+def test_unknown_autocast_dtype_is_refused():
+    with pytest.raises(ValueError, match="values.autocast"):
+        values.ValueArgs(autocast="int8")
