@@ -7,7 +7,12 @@ are the same (issue 15, item 1: changes to the hot path must not change what it 
 The earlier `tasks/extract/values.py` is read from git and imported beside today's (its
 own imports resolve to today's helpers, so only commits whose helpers still fit can be
 compared). The two take turns on each batch, so that load from other processes falls on
-both alike. Settings: the streams' default, the 2-nat margin stop.
+both alike. Settings: the streams' default, the 2-nat margin stop, for both unless
+`--before-variant`/`--today-variant` name another of `bench.value_stops`' variants (then the
+difference columns say how far the two settings' results are apart, not an error):
+
+    python -m bench.value_versions --before d8fafef --before-variant nll \
+        --today-variant margin2-bf16 --edits 50 --batch-sizes 10 --append
 """
 
 from __future__ import annotations
@@ -49,14 +54,15 @@ def largest_difference(a, b) -> dict:
 
 
 def measure(lm, layer, requests, templates, batch_size: int, versions: dict) -> tuple:
-    """({version: Tally}, the largest differences from the first version over all batches)."""
+    """({version: Tally}, the largest differences from the first version over all batches);
+    `versions`: {name: (values module, variant name)}."""
     tallies = {name: Tally() for name in versions}
     worst = {"delta": 0.0, "margin": 0.0, "steps_equal": True}
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
         found = {}
-        for name, module in versions.items():
-            args = module.ValueArgs(**VARIANTS["margin2"])
+        for name, (module, variant) in versions.items():
+            args = module.ValueArgs(**VARIANTS[variant])
             seconds, found[name] = optimise_chunk(lm, layer, chunk, templates, args,
                                                   module.compute_target_values)
             tallies[name].add(seconds, found[name])
@@ -90,9 +96,12 @@ def table(results: dict) -> str:
 def main(argv=None):
     parser = value_parser(__doc__.split("\n")[0], 30, [10])
     parser.add_argument("--before", required=True, help="the earlier commit")
+    parser.add_argument("--before-variant", default="margin2", choices=list(VARIANTS))
+    parser.add_argument("--today-variant", default="margin2", choices=list(VARIANTS))
     opts = parser.parse_args(argv)
     lm, layer, requests, templates = value_setup(opts)
-    versions = {opts.before: values_at(opts.before), "today": values}
+    versions = {f"{opts.before} {opts.before_variant}": (values_at(opts.before), opts.before_variant),
+                f"today {opts.today_variant}": (values, opts.today_variant)}
     results = {b: measure(lm, layer, requests, templates, b, versions)
                for b in opts.batch_sizes}
     value_report(table(results), "Target-value optimisation before and after",
