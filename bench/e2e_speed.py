@@ -14,9 +14,11 @@ batch: the operators with the most self CPU time, with the FLOP/s of those torch
 measured at the end.
 
     python -m bench.e2e_speed --editors rlsedit --stops nll margin --num-edits 30 --append
+    python -m bench.e2e_speed --editors rlsedit --stops nll margin2-bf16 --num-edits 50 --append
 
 times the value optimisation's stop rules side by side in the same way (issue 15: the NLL
-stop before, the margin stop after), the speed-up against the first stream.
+stop before, the margin stop after; `margin2-bf16` also replays in bfloat16), the speed-up
+against the first stream.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from bench.docs import append_section, command_line
 from bench.update_cost import matmul_flops
+from bench.value_stops import VARIANTS
 from tasks.config import from_dict
 from tasks.editors import editor_registry
 from tasks.stream import DEFAULT_DATA, EditStream, StreamConfig
@@ -49,7 +52,7 @@ def build_streams(opts, out_dir: str) -> tuple[dict[str, EditStream], dict[str, 
                 "num_edits": opts.num_edits + 2 * opts.batch_size,   # + warm-up, profiled
                 "batch_size": opts.batch_size, "eval_every": 10 ** 9, "fluency_samples": 0,
                 "checkpoint_every": 10 ** 9, "output_dir": f"{out_dir}/{name}",
-                "values": {"stop_on": stop},
+                "values": VARIANTS.get(stop, {"stop_on": stop}),
                 **({"layers": [int(x) for x in opts.layers.split(",")]} if opts.layers else {})})
             tic = time.perf_counter()
             streams[name] = EditStream(cfg)
@@ -81,9 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-edits", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--stops", nargs="+", default=["margin"],
-                        choices=["margin", "nll", "total"],
-                        help="value stop rules (values.stop_on); several: one stream per "
-                             "editor and rule, the speed-up against the first")
+                        choices=list(dict.fromkeys(["margin", "nll", "total", *VARIANTS])),
+                        help="value stop rules (values.stop_on) or bench.value_stops "
+                             "variants (margin2-bf16: with bfloat16 replays); several: one "
+                             "stream per editor and rule, the speed-up against the first")
     parser.add_argument("--layers", help="comma-separated edit layers (default: the model's)")
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None)

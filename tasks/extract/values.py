@@ -70,13 +70,14 @@ class ValueArgs:
 
     def precision(self, device: torch.device):
         """The autocast context of the Adam steps' replays (a no-op when `autocast` is null).
-        Attention takes the math kernel there: on CPU the fused kernel's backward in
+        On CPU attention takes the math kernel there: the fused kernel's backward in
         bfloat16 costs more than the matmuls save (docs/benchmarks.md)."""
         if self.autocast is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, self.autocast)))
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
     def decay(self, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
