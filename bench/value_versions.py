@@ -53,6 +53,11 @@ def largest_difference(a, b) -> dict:
             "steps_equal": bool(torch.equal(a.steps, b.steps))}
 
 
+def larger(a: float, b: float) -> float:
+    """max(a, b), NaN when either is (a stop rule without margins has NaN ones)."""
+    return a + b if a != a or b != b else max(a, b)
+
+
 def measure(lm, layer, requests, templates, batch_size: int, versions: dict) -> tuple:
     """({version: Tally}, the largest differences from the first version over all batches);
     `versions`: {name: (values module, variant name)}."""
@@ -68,8 +73,8 @@ def measure(lm, layer, requests, templates, batch_size: int, versions: dict) -> 
             tallies[name].add(seconds, found[name])
         first, last = found.values()
         diff = largest_difference(first, last)
-        worst = {"delta": max(worst["delta"], diff["delta"]),
-                 "margin": max(worst["margin"], diff["margin"]),
+        worst = {"delta": larger(worst["delta"], diff["delta"]),
+                 "margin": larger(worst["margin"], diff["margin"]),
                  "steps_equal": worst["steps_equal"] and diff["steps_equal"]}
         print(f"batch {batch_size}: {start + len(chunk)}/{len(requests)} edits "
               + ", ".join(f"{n} {t.seconds / t.edits:.2f} s/edit" for n, t in tallies.items())

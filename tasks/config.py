@@ -31,11 +31,13 @@ def from_dict(cls, data: dict | None, where: str = ""):
         raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
                           f"known under {where or 'the top level'}: {sorted(names)}")
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where}{name} must be a mapping, got {value!r}")
+            value = {**_default_dict(fields[name]), **value}
             kwargs[name] = from_dict(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(where + name, hint, value)
@@ -45,6 +47,16 @@ def from_dict(cls, data: dict | None, where: str = ""):
         raise
     except ValueError as err:   # a __post_init__ check: a value out of range, an unknown mode
         raise ConfigError(str(err)) from None
+
+
+def _default_dict(field: dataclasses.Field) -> dict:
+    """A nested config field's own default as a dict: the keys a mapping leaves out keep
+    the default of the field (`StreamConfig.values` stops on the margin), not the class."""
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default = field.default
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
 
 
 def _coerce(key: str, hint, value):

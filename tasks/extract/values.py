@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,6 +38,20 @@ from tasks.extract.keys import group_mean
 from tasks.extract.tokens import TokenBatch
 from tasks.extract.write_space import stream_change
 from tasks.models import vocab_logits
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (Linux flags); elsewhere bfloat16 would be emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 @dataclass
@@ -58,24 +73,33 @@ class ValueArgs:
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
     autocast: str | None = None   # bfloat16: the Adam steps' replays under torch.autocast
-                                  # (the stream, the clamp and the written delta stay float32)
+    # (the stream, the clamp and the written delta stay float32); auto: bfloat16 where the
+    # device has native bfloat16 matmuls, else none
 
     def __post_init__(self):
         if self.decay_form not in ("memit", "squared"):
             raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
         if self.stop_on not in ("total", "nll", "margin"):
             raise ValueError(f"values.stop_on must be total, nll or margin, got {self.stop_on!r}")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ValueError(f"values.autocast must be null, bfloat16 or float16, got {self.autocast!r}")
+        if self.autocast not in (None, "auto", "bfloat16", "float16"):
+            raise ValueError("values.autocast must be null, auto, bfloat16 or float16, "
+                             f"got {self.autocast!r}")
+
+    def replay_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the Adam steps' replays run in on `device` (None: float32)."""
+        if self.autocast == "auto":
+            return torch.bfloat16 if native_bfloat16(device) else None
+        return self.autocast and getattr(torch, self.autocast)
 
     def precision(self, device: torch.device):
         """The autocast context of the Adam steps' replays (a no-op when `autocast` is null).
         On CPU attention takes the math kernel there: the fused kernel's backward in
         bfloat16 costs more than the matmuls save (docs/benchmarks.md)."""
-        if self.autocast is None:
+        dtype = self.replay_dtype(device)
+        if dtype is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, self.autocast)))
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
         if device.type == "cpu":
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
@@ -442,7 +466,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     # One replay over rewrite, KL (and truth) rows together, padded to one width.
     parts = [rewrite, kl] + ([truth] if truth is not None else [])
     joint = _concat(parts, max(part.input_ids.shape[1] for part in parts))
-    replay = LayerReplay(lm, z_layer, joint, args.autocast and getattr(torch, args.autocast))
+    replay = LayerReplay(lm, z_layer, joint, args.replay_dtype(joint.input_ids.device))
     device = joint.input_ids.device
     kinds = torch.cat([torch.full((part.input_ids.shape[0],), kind, device=device)
                        for kind, part in enumerate(parts)])                  # 0, 1, 2

@@ -105,6 +105,17 @@ def test_config_errors_are_clear(tmp_path):
         run_stream(parse_args(tiny_args(tmp_path, "--layers", "7")))
 
 
+def test_a_values_key_changes_only_itself(tmp_path):
+    """`values.steps=4` keeps the stream's own value defaults (the margin stop, replays in
+    bfloat16 where native), not ValueArgs' class defaults; so does a YAML mapping."""
+    cfg = parse_args(["--set", "values.steps=3"])
+    assert (cfg.values.steps, cfg.values.stop_on, cfg.values.autocast) == (3, "margin", "auto")
+    config = tmp_path / "values.yaml"
+    config.write_text("values: {n_prefixes: 1}\n")
+    cfg = parse_args(["--config", str(config)])
+    assert (cfg.values.n_prefixes, cfg.values.stop_on, cfg.values.steps) == (1, "margin", 25)
+
+
 @pytest.mark.parametrize("name", ["stream-demo.yaml", "stream-1k.yaml"])
 def test_shipped_configs_parse(name):
     cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / name)])
