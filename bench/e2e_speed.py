@@ -17,7 +17,7 @@ measured at the end.
     python -m bench.e2e_speed --editors rlsedit --stops nll margin2-bf16 --num-edits 50 --append
 
 times the value optimisation's stop rules side by side in the same way (issue 15: the NLL
-stop before, the margin stop after; `margin2-bf16` also replays in bfloat16), the speed-up
+stop before, the margin stop after; replays in float32 unless the variant is `margin2-bf16`), the speed-up
 against the first stream.
 """
 
@@ -52,7 +52,7 @@ def build_streams(opts, out_dir: str) -> tuple[dict[str, EditStream], dict[str, 
                 "num_edits": opts.num_edits + 2 * opts.batch_size,   # + warm-up, profiled
                 "batch_size": opts.batch_size, "eval_every": 10 ** 9, "fluency_samples": 0,
                 "checkpoint_every": 10 ** 9, "output_dir": f"{out_dir}/{name}",
-                "values": VARIANTS.get(stop, {"stop_on": stop}),
+                "values": {"autocast": None, **VARIANTS.get(stop, {"stop_on": stop})},
                 **({"layers": [int(x) for x in opts.layers.split(",")]} if opts.layers else {})})
             tic = time.perf_counter()
             streams[name] = EditStream(cfg)
