@@ -27,12 +27,15 @@ SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel",
 CAP = ("cap.rlsedit_agnews_ppl.word_perplexity", "cap.rlsedit_sst2.acc", "cap.rlsedit_agnews.acc")
 
 
-def read_cells(grid_dirs: list[str]) -> dict[str, dict]:
-    """{cell name: summary} over every finished cell of the grids, in name order; a cell
-    finished before the anchor deviation was logged gets it from its edited layers."""
+def read_cells(grid_dirs: list[str], skip: list[str] = ()) -> dict[str, dict]:
+    """{cell name: summary} over every finished cell of the grids whose name contains none
+    of `skip`, in name order; a cell finished before the anchor deviation was logged gets
+    it from its edited layers."""
     cells = {}
     for grid_dir in grid_dirs:
         for path in sorted(Path(grid_dir).glob("cells/*/summary.json")):
+            if any(part in path.parent.name for part in skip):
+                continue
             summary = json.loads(path.read_text())
             if "anchor_deviation" not in summary["final"]:
                 summary["final"]["anchor_deviation"] = final_deviation(summary, path.parent)
@@ -150,8 +153,10 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", help="write the trade-off plot to this PNG")
     parser.add_argument("--heading", default="Fidelity sweep")
     parser.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="TEXT",
+                        help="leave out cells whose name contains any of these")
     args = parser.parse_args(argv)
-    cells = read_cells(args.grid_dir)
+    cells = read_cells(args.grid_dir, args.skip)
     body = table(cells)
     if args.plot:
         shown = Path(args.plot)

@@ -33,3 +33,4 @@ def test_a_curve_per_editor_kind_and_layer_span(tmp_path):
     assert "| m-rls-a-s0 | 0.930 ± 0.015 |" in table(cells)
     png = plot_tradeoff(cells, str(tmp_path / "tradeoff.png"))
     assert png.stat().st_size > 0
+    assert list(read_cells([grid], skip=["rls-b", "memit"])) == ["m-rls-a-s0", "m-rls-c-s0"]
