@@ -88,7 +88,11 @@ def grid_args(out):
     return smoke_args(out, "--set", "editors=[rlsedit]", "--set", "capability={}",
                       "--set", "stream.num_edits=24", "--set", "stream.batch_size=1",
                       "--set", "stream.eval_every=8", "--set", "stream.checkpoint_every=2",
-                      "--set", "stream.values.steps=12", "--set", "resources.editor_cpus=1")
+                      "--set", "stream.values.steps=12", "--set", "resources.editor_cpus=1",
+                      # float32 replays: with bfloat16 ones a resumed grid cell missed the
+                      # uninterrupted weights once in two full-suite runs on a loaded
+                      # machine (not reproduced alone); this test is about the resume
+                      "--set", "stream.values.autocast=null")
 
 
 @pytest.fixture(scope="module")
