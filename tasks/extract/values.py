@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,12 @@ def native_bfloat16(device: torch.device) -> bool:
     CPU with AVX512-BF16 or AMX (Linux flags); elsewhere bfloat16 would be emulated."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bfloat16()
+
+
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    """AVX512-BF16 or AMX among this CPU's flags (read once; False where unreadable)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
