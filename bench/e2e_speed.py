@@ -17,8 +17,8 @@ measured at the end.
     python -m bench.e2e_speed --editors rlsedit --stops nll margin2-bf16 --num-edits 50 --append
 
 times the value optimisation's stop rules side by side in the same way (issue 15: the NLL
-stop before, the margin stop after; replays in float32 unless the variant is `margin2-bf16`), the speed-up
-against the first stream.
+stop before, the margin stop after; replays in float32 unless the variant is
+`margin2-bf16`), the speed-up against the first stream.
 """
 
 from __future__ import annotations
