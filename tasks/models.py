@@ -401,7 +401,7 @@ TINY_BUILDERS = {"llama": build_tiny_llama, "gemma3": build_tiny_gemma3}
 def vocab_logits(model, hidden: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
     """LM-head logits [..., vocab] of final-normed hidden states [..., d] (softcap applied;
     `head`: a copy of the model's output embedding to use instead of it)."""
-    logits = (head or model.get_output_embeddings())(hidden)
+    logits = (model.get_output_embeddings() if head is None else head)(hidden)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
