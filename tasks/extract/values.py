@@ -497,22 +497,11 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         final_nll[active] = nll.detach()[active].to(final_nll.dtype)
         if margin is not None:
             final_margin[active] = margin[active].to(final_margin.dtype)
-        if args.stop_on == "margin":
-            active = active & ~(margin >= args.margin)
-        else:
-            stop_value = loss if args.stop_on == "total" else nll
-            active = active & ~(stop_value.detach() < args.early_stop)
+        active = _still_running(args, active, loss, nll, margin)
         if not active.any() or step == args.steps:
             break
         steps += active
-        frozen = delta.detach().clone()
-        opt.zero_grad()
-        loss[active].sum().backward()
-        opt.step()
-        with torch.no_grad():
-            delta[~active] = frozen[~active]
-            scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
-            delta.mul_(scale[:, None])
+        _adam_step(opt, delta, loss, active, max_norm)
     delta = delta.detach()
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
@@ -520,6 +509,30 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
                         stream_init=stream_init, nll=final_nll,
                         delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps,
                         margin=final_margin, converged=(~active).to(steps.dtype))
+
+
+def _still_running(args: ValueArgs, active: torch.Tensor, loss: torch.Tensor,
+                   nll: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
+    """[E] bool: the edits of `active` that have not met the stop rule yet (a margin on
+    every prompt, the total loss or the target NLL under `args.early_stop`)."""
+    if args.stop_on == "margin":
+        return active & ~(margin >= args.margin)
+    stop_value = loss if args.stop_on == "total" else nll
+    return active & ~(stop_value.detach() < args.early_stop)
+
+
+def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,
+               active: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """One Adam step on the rows of δ [E, d] still `active`; the stopped rows keep their
+    value (Adam's moments would move them); every row is then clamped to `max_norm` [E]."""
+    frozen = delta.detach().clone()
+    opt.zero_grad()
+    loss[active].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        delta[~active] = frozen[~active]
+        scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+        delta.mul_(scale[:, None])
 
 
 def _concat(parts: list[TokenBatch], width: int) -> TokenBatch:
