@@ -1,0 +1,96 @@
+"""Table and curves of one grid cell so far: a long run read while it runs or after it
+stopped (issue 15's 10,000-edit run).
+
+    python -m bench.cell_curves /root/rlsedit-runs/grid-cpu-10k/cells/smollm2-135m-rlsedit-L23456-m1300-s0 \
+        --plot docs/img/cpu-10k-smollm2-135m.png --append
+
+Reads the cell's `evals.json` (the scores of each evaluation point so far) and its newest
+checkpoint (the unedited scores, the edits applied, the seconds they took and the
+editor's own figures at each point). Prints, for the unedited model and each point, the
+edit metrics ± standard error, the retention of the first k edits (and of the first
+1,000 where the stream scores it), held-out perplexity, the capability scores and the
+seconds per edit so far; `--plot` draws the same against edits applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.docs import append_section, command_line
+from pipelines.report import plot_panels
+from tasks.storage import Location
+from tasks.stream import newest_checkpoint
+
+COLUMNS = {"efficacy": "efficacy", "generalization": "generalization",
+           "specificity": "specificity", "retention_efficacy": "first-{k} efficacy",
+           "retention1000_efficacy": "first-1000 efficacy", "perplexity": "held-out token ppl",
+           "cap.rlsedit_sst2.acc": "SST-2", "cap.rlsedit_agnews.acc": "AG News"}
+
+
+def read_cell(cell_dir: str, first_k: int = 100) -> dict:
+    """A summary-like dict of the cell so far: {"unedited", "history", "retention_first_k",
+    "position", "edit_seconds"}; history has one entry per scored point, in edit order."""
+    state = newest_checkpoint(Location(cell_dir))
+    if state is None:
+        raise SystemExit(f"no checkpoint in {cell_dir}: the cell has not applied an edit yet")
+    path = Path(cell_dir) / "evals.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    editor = {h["edits"]: h for h in state["history"]}
+    history = [{**editor.get(int(n), {}), **metrics, "edits": int(n)}
+               for n, metrics in sorted(scores.items(), key=lambda item: int(item[0]))]
+    return {"unedited": state["baseline"], "history": history, "retention_first_k": first_k,
+            "position": state["position"], "edit_seconds": state["edit_seconds"]}
+
+
+def _cell(row: dict, metric: str) -> str:
+    value = row.get(metric)
+    if value is None:
+        return ""
+    se = row.get(metric + "_se")
+    if metric == "perplexity":
+        return f"{value:.1f}"
+    return f"{value:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def table(cell: dict) -> str:
+    """Markdown: the unedited row, then one row per evaluation point."""
+    columns = [m for m in COLUMNS if any(m in row for row in [cell["unedited"], *cell["history"]])]
+    header = ["edits", *(COLUMNS[m].format(k=cell["retention_first_k"]) for m in columns),
+              "s per edit so far"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             "| unedited | " + " | ".join(_cell(cell["unedited"], m) for m in columns) + " | |"]
+    for row in cell["history"]:
+        speed = row.get("edits_per_second")
+        seconds = f"{1 / speed:.2f}" if speed else ""
+        lines.append(f"| {row['edits']} | " + " | ".join(_cell(row, m) for m in columns)
+                     + f" | {seconds} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cell_dir")
+    parser.add_argument("--first-k", type=int, default=100, help="the stream's retention_edits")
+    parser.add_argument("--plot", help="write the curves to this PNG")
+    parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
+    opts = parser.parse_args(argv)
+    cell = read_cell(opts.cell_dir, opts.first_k)
+    name = Path(opts.cell_dir.rstrip("/")).name
+    body = (f"{table(cell)}\n\n{cell['position']} edits applied in "
+            f"{cell['edit_seconds'] / 3600:.2f} h of editing "
+            f"({cell['edit_seconds'] / max(cell['position'], 1):.2f} s per edit).")
+    if opts.plot and cell["history"]:
+        metrics = [m for m in COLUMNS if any(m in row for row in cell["history"])]
+        plot_panels({name: cell}, metrics, opts.plot, f"{name}: {cell['position']} edits so far")
+        if opts.plot.startswith("docs/"):
+            body += f"\n\n![{name} against edits applied]({Path(opts.plot).relative_to('docs')})"
+    print(body)
+    if opts.append:
+        append_section(f"{name}: the run so far", command_line("bench.cell_curves", argv),
+                       "this machine, read from the cell's files while or after it ran", body)
+
+
+if __name__ == "__main__":
+    main()
