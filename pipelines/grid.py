@@ -350,7 +350,8 @@ class GridRun:
         self.evaluators[model] = [self.evaluator_actor.remote(model)
                                   for _ in range(self.cfg.resources.evaluators_per_model)]
         first = next(c for c in self.cells if c.model == model)
-        with timed(log, f"evaluator start-up and unedited scores of {model}"):
+        with timed(log, f"evaluator start-up and unedited scores of {model} "
+                        f"({first.cfg['num_edits']} edit requests, cached after the first run)"):
             self.baselines[model] = ray.get(self.evaluators[model][0].baseline.remote(
                 first.cfg, first.cfg["heldout"], first.cfg["capability"]))
 
