@@ -1,15 +1,16 @@
-"""Table and curves of one grid cell so far: a long run read while it runs or after it
-stopped (issue 15's 10,000-edit run).
+"""Table and curves of grid cells so far: a long run read while it runs or after it
+stopped (issue 15's 10,000-edit run), or several finished cells side by side.
 
     python -m bench.cell_curves /root/rlsedit-runs/grid-cpu-10k/cells/smollm2-135m-rlsedit-L23456-m1300-s0 \
         --plot docs/img/cpu-10k-smollm2-135m.png --append
 
-Reads the cell's `evals.json` (the scores of each evaluation point so far) and its newest
-checkpoint (the unedited scores, the edits applied, the seconds they took and the
-editor's own figures at each point). Prints, for the unedited model and each point, the
-edit metrics ± standard error, the retention of the first k edits (and of the first
-1,000 where the stream scores it), held-out perplexity, the capability scores and the
-seconds per edit so far; `--plot` draws the same against edits applied.
+Reads each cell's `evals.json` (the scores of each evaluation point so far) and its
+newest checkpoint (the unedited scores, the edits applied, the seconds they took and the
+editor's own figures at each point). Prints, for the unedited model (of the first cell)
+and each cell's points, the edit metrics ± standard error, the retention of the first k
+edits (and of the first 1,000 where the stream scores it), held-out perplexity, the
+capability scores and the seconds per edit so far; `--plot` draws the same against edits
+applied, one line per cell.
 """
 
 from __future__ import annotations
@@ -54,42 +55,48 @@ def _cell(row: dict, metric: str) -> str:
     return f"{value:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
-def table(cell: dict) -> str:
-    """Markdown: the unedited row, then one row per evaluation point."""
-    columns = [m for m in COLUMNS if any(m in row for row in [cell["unedited"], *cell["history"]])]
-    header = ["edits", *(COLUMNS[m].format(k=cell["retention_first_k"]) for m in columns),
+def table(cells: dict[str, dict]) -> str:
+    """Markdown: the unedited row of the first cell, then one row per cell and point."""
+    first = next(iter(cells.values()))
+    rows = [row for cell in cells.values() for row in cell["history"]]
+    columns = [m for m in COLUMNS if any(m in row for row in [first["unedited"], *rows])]
+    header = ["cell, edits", *(COLUMNS[m].format(k=first["retention_first_k"]) for m in columns),
               "s per edit so far"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| unedited | " + " | ".join(_cell(cell["unedited"], m) for m in columns) + " | |"]
-    for row in cell["history"]:
-        speed = row.get("edits_per_second")
-        seconds = f"{1 / speed:.2f}" if speed else ""
-        lines.append(f"| {row['edits']} | " + " | ".join(_cell(row, m) for m in columns)
-                     + f" | {seconds} |")
+             "| unedited | " + " | ".join(_cell(first["unedited"], m) for m in columns) + " | |"]
+    for name, cell in cells.items():
+        for row in cell["history"]:
+            speed = row.get("edits_per_second")
+            seconds = f"{1 / speed:.2f}" if speed else ""
+            lines.append(f"| {name} {row['edits']} | "
+                         + " | ".join(_cell(row, m) for m in columns) + f" | {seconds} |")
     return "\n".join(lines)
+
+
+def progress_line(name: str, cell: dict) -> str:
+    return (f"{name}: {cell['position']} edits applied in {cell['edit_seconds'] / 3600:.2f} h "
+            f"of editing ({cell['edit_seconds'] / max(cell['position'], 1):.2f} s per edit).")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cell_dir")
-    parser.add_argument("--first-k", type=int, default=100, help="the stream's retention_edits")
+    parser.add_argument("cell_dirs", nargs="+")
+    parser.add_argument("--first-k", type=int, default=100, help="the streams' retention_edits")
     parser.add_argument("--plot", help="write the curves to this PNG")
+    parser.add_argument("--title", default="against edits applied", help="the plot's title")
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
-    cell = read_cell(opts.cell_dir, opts.first_k)
-    name = Path(opts.cell_dir.rstrip("/")).name
-    body = (f"{table(cell)}\n\n{cell['position']} edits applied in "
-            f"{cell['edit_seconds'] / 3600:.2f} h of editing "
-            f"({cell['edit_seconds'] / max(cell['position'], 1):.2f} s per edit).")
-    if opts.plot and cell["history"]:
-        metrics = [m for m in COLUMNS if any(m in row for row in cell["history"])]
-        plot_panels({name: cell}, metrics, opts.plot, f"{name}: {cell['position']} edits so far")
+    cells = {Path(d.rstrip("/")).name: read_cell(d, opts.first_k) for d in opts.cell_dirs}
+    body = table(cells) + "\n\n" + "\n".join(progress_line(n, c) for n, c in cells.items())
+    if opts.plot and any(cell["history"] for cell in cells.values()):
+        metrics = [m for m in COLUMNS if any(m in row for c in cells.values() for row in c["history"])]
+        plot_panels(cells, metrics, opts.plot, opts.title)
         if opts.plot.startswith("docs/"):
-            body += f"\n\n![{name} against edits applied]({Path(opts.plot).relative_to('docs')})"
+            body += f"\n\n![the cells against edits applied]({Path(opts.plot).relative_to('docs')})"
     print(body)
     if opts.append:
-        append_section(f"{name}: the run so far", command_line("bench.cell_curves", argv),
-                       "this machine, read from the cell's files while or after it ran", body)
+        append_section(f"{', '.join(cells)}: the run so far", command_line("bench.cell_curves", argv),
+                       "this machine, read from the cells' files while or after they ran", body)
 
 
 if __name__ == "__main__":

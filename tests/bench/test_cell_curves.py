@@ -17,14 +17,14 @@ def test_the_cell_so_far_is_what_the_stream_logged(tmp_path, capsys):
         assert got["edits_per_second"] == want["edits_per_second"]
     assert cell["unedited"]["efficacy"] == summary["unedited"]["efficacy"]
 
-    rows = table(cell).splitlines()
-    assert rows[0].startswith("| edits | efficacy | generalization | specificity | first-100")
+    rows = table({"cell": cell}).splitlines()
+    assert rows[0].startswith("| cell, edits | efficacy | generalization | specificity | first-100")
     assert len(rows) == 2 + 1 + 3   # header, rule, unedited, three points
     last = summary["history"][-1]
-    assert rows[-1].startswith(f"| 12 | {last['efficacy']:.3f} ± {last['efficacy_se']:.3f} |")
+    assert rows[-1].startswith(f"| cell 12 | {last['efficacy']:.3f} ± {last['efficacy_se']:.3f} |")
     assert rows[-1].endswith(f"| {1 / last['edits_per_second']:.2f} |")
 
     png = tmp_path / "curves.png"
-    main([str(out), "--plot", str(png)])
+    main([str(out), str(out), "--plot", str(png)])   # the same cell twice: one name, one line
     assert png.stat().st_size > 0
-    assert "12 edits applied in" in capsys.readouterr().out
+    assert "cell: 12 edits applied in" in capsys.readouterr().out
