@@ -235,7 +235,8 @@ def test_curves_on_the_parent_are_named_by_what_tells_cells_apart(tmp_path):
 
 @pytest.mark.parametrize("name", ["smoke", "cpu-demo", "cpu-demo-both", "cpu-1k", "full-10k", "fidelity-sweep",
                                   "fidelity-sweep-2", "gemma-layers", "gemma-300",
-                                  "budget-300", "budget-1k", "cpu-10k", "tradeoff-300"])
+                                  "budget-300", "budget-1k", "cpu-10k", "tradeoff-300",
+                                  "gemma-tune-300"])
 def test_shipped_grid_configs_resolve(name, tmp_path):
     cfg = parse_args(["--config", str(ROOT / "pipelines" / "configs" / f"{name}.yaml"),
                       "--set", f"output_dir={tmp_path}"])
