@@ -2,10 +2,12 @@
 
 An edit has several prompts (the bare prompt first, then the prefixed ones); `KeyArgs.mode`
 says how their keys become the editor's rows:
+- bare_half (default): one row per edit, the bare prompt weighted 1/2 and the prefixed
+  prompts sharing the other 1/2 (MEMIT's average over its two template groups); on 300
+  tuning edits it wrote 2-4 points more than `mean` at the same perplexity
+  (docs/benchmarks.md, "Key modes");
 - mean: one row per edit, every prompt's key weighted equally (the bare prompt gets 1/6
-  with 5 prefixes);
-- bare_half: one row per edit, the bare prompt weighted 1/2 and the prefixed prompts
-  sharing the other 1/2 (MEMIT's average over its two template groups);
+  with 5 prefixes; the default before);
 - rows: one row per prompt, each with the edit's target value (u = prompts × edits).
 """
 
@@ -20,7 +22,7 @@ KEY_MODES = ("mean", "bare_half", "rows")
 
 @dataclass
 class KeyArgs:
-    mode: str = "mean"   # mean | bare_half | rows (see the module docstring)
+    mode: str = "bare_half"   # bare_half | mean | rows (see the module docstring)
 
     def __post_init__(self):
         if self.mode not in KEY_MODES:

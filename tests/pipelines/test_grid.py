@@ -214,7 +214,7 @@ def test_grid_variants_name_settings_of_an_editor(tmp_path):
     assert wide.cfg["editor_args"] == {"mu": 7} and wide.cfg["layers"] == [1, 2]
     assert wide.cfg["keys"]["mode"] == "rows" and wide.cfg["values"]["lr"] == 0.1
     assert wide.cfg["values"]["steps"] == plain.cfg["values"]["steps"] == 4  # grid's own keys kept
-    assert plain.cfg["keys"]["mode"] == "mean" and plain.cfg["editor_args"] == {}
+    assert plain.cfg["keys"]["mode"] == "bare_half" and plain.cfg["editor_args"] == {}
     assert _edit_layers("tiny-llama", [plain, wide]) == [1, 2]   # anchors cover every cell
     with pytest.raises(ValueError, match="variant 'bad' needs `editor`"):
         grid_cells(parse_args(smoke_args(tmp_path, "--set", "editors=[bad]",

@@ -32,7 +32,8 @@ def golden_args(name: str, out) -> list[str]:
             "--eval-every", "20", "--output-dir", str(out),
             "--set", f"anchor.corpus={CORPUS}", "--set", "anchor.n_texts=20",
             "--set", "values.steps=4", "--set", "values.n_prefixes=1",
-            # the settings the golden runs had: the NLL stop, float32 replays
+            # the settings the golden runs had: mean keys, the NLL stop, float32 replays
+            "--set", "keys.mode=mean",
             "--set", "values.stop_on=nll", "--set", "values.autocast=null",
             "--set", "fluency_samples=0"]
 
@@ -82,6 +83,7 @@ def test_a_stream_and_a_grid_cell_of_one_config_log_the_same_and_end_alike(
         "stream": {"data": str(EDIT_DATA), "num_edits": 20, "batch_size": 5, "eval_every": 20,
                    "layers": [1], "fluency_samples": 0,
                    "anchor": {"corpus": str(CORPUS), "n_texts": 20},
+                   "keys": {"mode": "mean"},
                    "values": {"steps": 4, "n_prefixes": 1, "stop_on": "nll",
                               "autocast": None}}}))
     cell = run_grid(grid_config(["--config", str(config)]))["cells"]["tiny-llama-rlsedit-s0"]
