@@ -83,19 +83,21 @@ def main(argv=None) -> None:
     parser.add_argument("cell_dirs", nargs="+")
     parser.add_argument("--first-k", type=int, default=100, help="the streams' retention_edits")
     parser.add_argument("--plot", help="write the curves to this PNG")
-    parser.add_argument("--title", default="against edits applied", help="the plot's title")
+    parser.add_argument("--title", help="the plot's title and the docs heading (default: the "
+                        "cells' names)")
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
     cells = {Path(d.rstrip("/")).name: read_cell(d, opts.first_k) for d in opts.cell_dirs}
+    title = opts.title or f"{', '.join(cells)}: the run so far"
     body = table(cells) + "\n\n" + "\n".join(progress_line(n, c) for n, c in cells.items())
     if opts.plot and any(cell["history"] for cell in cells.values()):
         metrics = [m for m in COLUMNS if any(m in row for c in cells.values() for row in c["history"])]
-        plot_panels(cells, metrics, opts.plot, opts.title)
+        plot_panels(cells, metrics, opts.plot, title)
         if opts.plot.startswith("docs/"):
             body += f"\n\n![the cells against edits applied]({Path(opts.plot).relative_to('docs')})"
     print(body)
     if opts.append:
-        append_section(f"{', '.join(cells)}: the run so far", command_line("bench.cell_curves", argv),
+        append_section(title, command_line("bench.cell_curves", argv),
                        "this machine, read from the cells' files while or after they ran", body)
 
 
