@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from bench.docs import append_section, command_line
-from pipelines.report import plot_panels
+from pipelines.report import _value, plot_panels
 from tasks.storage import Location
 from tasks.stream import newest_checkpoint
 
@@ -46,13 +46,10 @@ def read_cell(cell_dir: str, first_k: int = 100) -> dict:
 
 
 def _cell(row: dict, metric: str) -> str:
-    value = row.get(metric)
-    if value is None:
-        return ""
-    se = row.get(metric + "_se")
-    if metric == "perplexity":
-        return f"{value:.1f}"
-    return f"{value:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    """pipelines.report's `0.935 ± 0.008`; perplexity to one decimal."""
+    if metric == "perplexity" and row.get(metric) is not None:
+        return f"{row[metric]:.1f}"
+    return _value(row, metric)
 
 
 def table(cells: dict[str, dict]) -> str:
