@@ -26,7 +26,8 @@ from tasks.stream import newest_checkpoint
 
 COLUMNS = {"efficacy": "efficacy", "generalization": "generalization",
            "specificity": "specificity", "retention_efficacy": "first-{k} efficacy",
-           "retention1000_efficacy": "first-1000 efficacy", "perplexity": "held-out token ppl",
+           "retention1000_efficacy": "first-1000 efficacy",
+           "recent_efficacy": "efficacy of the newest edits", "perplexity": "held-out token ppl",
            "cap.rlsedit_sst2.acc": "SST-2", "cap.rlsedit_agnews.acc": "AG News"}
 
 

@@ -54,6 +54,8 @@ class StreamConfig:
     retention_edits: int | None = None  # or of exactly this many first edits
     retention_also: list[int] = field(default_factory=list)  # more first-k windows, scored
     # at every point too and logged as retention<k>_<metric> (a 10K stream: [1000])
+    recent_edits: int | None = None  # the last k edits applied, scored at every point as
+    # recent_<metric>: are new edits still written as well as the first ones are kept?
     fluency_samples: int = 50       # edit prompts generated from for fluency (0: skip)
     fluency_tokens: int = 50
     eval_batch_size: int = 32
@@ -88,6 +90,9 @@ class StreamConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.checkpoint_minutes > 0:
             raise ValueError(f"checkpoint_minutes must be positive, got {self.checkpoint_minutes}")
+        if self.recent_edits is not None and self.recent_edits < 1:
+            raise ValueError(f"recent_edits must be a positive number of edits or null, got "
+                             f"{self.recent_edits}")
         if not 0 < self.retention_fraction <= 1:
             raise ValueError(f"retention_fraction must be in (0, 1], got {self.retention_fraction}")
 
@@ -182,7 +187,7 @@ PAIRED_METRICS = ("efficacy", "generalization", "specificity", "specificity_nbhd
 NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device", "eval_every",
                  "checkpoint_every", "checkpoint_minutes", "eval_max", "eval_batch_size",
                  "fluency_samples", "fluency_tokens", "neighbours", "max_text_chars",
-                 "heldout", "capability", "retention_also")
+                 "heldout", "capability", "retention_also", "recent_edits")
 
 
 def config_digest(cfg: StreamConfig) -> str:
@@ -209,8 +214,9 @@ def stream_requests(cfg: StreamConfig, tokenizer) -> tuple[list, list[SkippedRec
 
 def evaluation(lm, requests, cfg: StreamConfig, n_done: int, final: bool) -> dict[str, float]:
     """Metrics on the edits applied so far (all when final, else at most eval_max, evenly
-    spaced) and retention: the same metrics on the first `retention_k` edits of the stream.
-    Each request is scored once even when it counts for both."""
+    spaced) and retention: the same metrics on the first `retention_k` edits of the stream
+    (and on each `retention_also` window, and on the last `recent_edits` applied). Each
+    request is scored once even when it counts for several."""
     return scored_evaluation(lm, requests, cfg, n_done, final)[0]
 
 
@@ -224,6 +230,8 @@ def scored_evaluation(lm, requests, cfg: StreamConfig, n_done: int,
         picked = [int(i * n_done / cfg.eval_max) for i in range(cfg.eval_max)]
     early = list(range(min(cfg.retention_k, n_done)))
     windows = {f"retention{k}_": list(range(min(k, n_done))) for k in cfg.retention_also}
+    if cfg.recent_edits:
+        windows["recent_"] = list(range(max(0, n_done - cfg.recent_edits), n_done))
     union = sorted(set(picked).union(early, *windows.values()))
     scores = dict(zip(union, score_requests(lm, [requests[i] for i in union],
                                             cfg.eval_batch_size)))
@@ -246,7 +254,8 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
                       cfg.fluency_samples, cfg.fluency_tokens]
                      + ([True] if cfg.skip_bad_records else [])    # old keys stay valid
                      + ([to_dict(cfg.neighbours)] if cfg.neighbours.pool else [])
-                     + ([cfg.retention_also] if cfg.retention_also else []))
+                     + ([cfg.retention_also] if cfg.retention_also else [])
+                     + ([{"recent": cfg.recent_edits}] if cfg.recent_edits else []))
     path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.exists():
         return json.loads(path.read_text())["scores"]

@@ -1,6 +1,7 @@
 """Retention windows of a stream's evaluation: the first `retention_edits` as
 `retention_<metric>`, and each of `retention_also` as `retention<k>_<metric>`, scored on
-the model as it is at that point."""
+the model as it is at that point; and the last `recent_edits` applied as
+`recent_<metric>`."""
 
 from tasks.evaluate.metrics import aggregate, score_requests
 from tasks.stream import StreamConfig, config_digest, scored_evaluation, stream_requests
@@ -30,7 +31,20 @@ def test_a_window_longer_than_the_stream_so_far_stops_at_its_last_edit(tiny):
     assert metrics["retention1000_efficacy"] == aggregate(direct)["efficacy"]
 
 
+def test_the_recent_window_is_the_mean_over_the_last_edits_applied(tiny):
+    cfg = StreamConfig(model="tiny-llama", data=str(EDIT_DATA), num_edits=12, eval_max=3,
+                       retention_edits=2, recent_edits=3)
+    requests, _ = stream_requests(cfg, tiny.tokenizer)
+    metrics, _ = scored_evaluation(tiny, requests, cfg, n_done=8, final=False)
+    expected = aggregate(score_requests(tiny, requests[5:8], cfg.eval_batch_size), "recent_")
+    for name in ("efficacy", "generalization", "specificity"):
+        assert metrics[f"recent_{name}"] == expected[f"recent_{name}"]
+    early, _ = scored_evaluation(tiny, requests, cfg, n_done=2, final=False)
+    assert early["recent_efficacy"] == early["retention_efficacy"]   # both: edits 0 and 1
+
+
 def test_extra_windows_are_logging_only_and_leave_a_checkpoint_resumable():
     plain = StreamConfig(num_edits=12)
     assert config_digest(plain) == config_digest(StreamConfig(num_edits=12,
                                                               retention_also=[100]))
+    assert config_digest(plain) == config_digest(StreamConfig(num_edits=12, recent_edits=100))
