@@ -53,10 +53,19 @@ def windows_at(lm, requests, snapshot: Path, n_done: int, k: int) -> dict[str, f
     return scores
 
 
+def labels(cell_dirs: list[str]) -> dict[str, str]:
+    """{cell folder: its name}, or "<grid>/<name>" where two grids have a cell of one name."""
+    names = [Path(d).resolve().name for d in cell_dirs]
+    return {d: (f"{Path(d).resolve().parent.parent.name}/{name}" if names.count(name) > 1
+                else name) for d, name in zip(cell_dirs, names)}
+
+
 def measure(cell_dirs: list[str], model: str, data: str, k: int, cache: Path | None) -> dict:
-    """{cell name: {edits applied: window scores}}, read from and added to `cache`."""
+    """{cell label: {edits applied: window scores}}; the cache is keyed by the cells'
+    absolute paths, read from and added to."""
     results = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    todo = {d: [(n, p) for n, p in snapshots(d) if str(n) not in results.get(Path(d).name, {})]
+    key = {d: str(Path(d).resolve()) for d in cell_dirs}
+    todo = {d: [(n, p) for n, p in snapshots(d) if str(n) not in results.get(key[d], {})]
             for d in cell_dirs}
     if any(todo.values()):
         lm = load_model(model)
@@ -64,12 +73,12 @@ def measure(cell_dirs: list[str], model: str, data: str, k: int, cache: Path | N
         for cell_dir, pending in todo.items():
             for n_done, path in pending:
                 scored = windows_at(lm, requests, path, n_done, k)
-                results.setdefault(Path(cell_dir).name, {})[str(n_done)] = scored
-                print(f"{Path(cell_dir).name} at {n_done}: first {scored['first_efficacy']:.3f}, "
+                results.setdefault(key[cell_dir], {})[str(n_done)] = scored
+                print(f"{cell_dir} at {n_done}: first {scored['first_efficacy']:.3f}, "
                       f"last {scored['last_efficacy']:.3f}", flush=True)
                 if cache:
                     cache.write_text(json.dumps(results, indent=1))
-    return {Path(d).name: results.get(Path(d).name, {}) for d in cell_dirs}
+    return {label: results.get(key[d], {}) for d, label in labels(cell_dirs).items()}
 
 
 def table(results: dict, k: int) -> str:

@@ -3,7 +3,7 @@ the same scores the stream logged at each point as retention_ and recent_."""
 
 import json
 
-from bench.write_vs_keep import measure, table
+from bench.write_vs_keep import labels, measure, table
 from pipelines.edit_stream import parse_args as stream_config, run_stream
 from tests.conftest import EDIT_DATA
 from tests.pipelines.conftest import stream_args
@@ -25,9 +25,15 @@ def test_snapshot_windows_equal_what_the_stream_logged(tmp_path):
             assert scored[f"last_{metric}"] == logged[f"recent_{metric}"]
             assert scored[f"last_{metric}_se"] == logged[f"recent_{metric}_se"]
 
-    assert json.loads(cache.read_text())["cell"] == points
+    assert json.loads(cache.read_text())[str(out.resolve())] == points
     assert measure([str(out)], "no-such-model", str(EDIT_DATA), 3, cache) == results  # cached
     rows = table(results, 3).splitlines()
     assert rows[0] == ("| cell, edits | first-3 efficacy | last-3 efficacy | first-3 generalization "
                        "| last-3 generalization |")
     assert len(rows) == 2 + 3
+
+
+def test_cells_of_one_name_in_two_grids_keep_apart():
+    assert labels(["/runs/a/cells/m-rlsedit-s0", "/runs/b/cells/m-rlsedit-s0", "/runs/a/cells/x"]) \
+        == {"/runs/a/cells/m-rlsedit-s0": "a/m-rlsedit-s0", "/runs/b/cells/m-rlsedit-s0": "b/m-rlsedit-s0",
+            "/runs/a/cells/x": "x"}
