@@ -8,7 +8,8 @@ written and how well the old ones are kept. Retention scores the first edits; th
 the newest too, on the same snapshot, so a falling efficacy can be told apart: old edits
 fading (FT-L) or new edits landing less well as the stream grows (a least-squares editor
 that keeps every earlier edit in its objective). Reads `snapshots/edits-<n>.safetensors`
-of each cell directory and the stream's edits from `--data`; scores each window with the
+of each cell directory and the stream's edits from `--data` (a stream that skipped no
+records: edit i is record i); scores each window with the
 streams' own `score_requests`. Results are kept in `--cache` (JSON) so that a run can stop
 and go on.
 """
@@ -35,6 +36,8 @@ METRICS = ("efficacy", "generalization")
 
 def snapshots(cell_dir: str) -> list[tuple[int, Path]]:
     """(edits applied, file) of each snapshot of the cell, in edit order."""
+    if not Path(cell_dir).is_dir():
+        raise SystemExit(f"no cell folder {cell_dir}: give the cells/<name> folders of a grid")
     found = [(int(re.fullmatch(r"edits-(\d+)\.safetensors", p.name).group(1)), p)
              for p in Path(cell_dir, "snapshots").glob("edits-*.safetensors")]
     return sorted(found)
@@ -44,9 +47,9 @@ def snapshots(cell_dir: str) -> list[tuple[int, Path]]:
 def windows_at(lm, requests, snapshot: Path, n_done: int, k: int) -> dict[str, float]:
     """first_<metric> and last_<metric> (± _se) of the first k and the last k edits applied,
     scored on the model with `snapshot`'s layers written in."""
-    scores = {}
+    scores, windows = {}, {"first_": (0, k), "last_": (max(0, n_done - k), n_done)}
     with lm.layers_loaded(load_file(str(snapshot))):
-        for prefix, (start, stop) in {"first_": (0, k), "last_": (max(0, n_done - k), n_done)}.items():
+        for prefix, (start, stop) in windows.items():
             agg = aggregate(score_requests(lm, requests[start:stop]), prefix)
             scores.update({key: value for key, value in agg.items()
                            if key.removeprefix(prefix).removesuffix("_se") in METRICS})
@@ -62,9 +65,9 @@ def labels(cell_dirs: list[str]) -> dict[str, str]:
 
 def measure(cell_dirs: list[str], model: str, data: str, k: int, cache: Path | None) -> dict:
     """{cell label: {edits applied: window scores}}; the cache is keyed by the cells'
-    absolute paths, read from and added to."""
+    absolute paths and the window, read from and added to."""
     results = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    key = {d: str(Path(d).resolve()) for d in cell_dirs}
+    key = {d: f"{Path(d).resolve()} window={k}" for d in cell_dirs}
     todo = {d: [(n, p) for n, p in snapshots(d) if str(n) not in results.get(key[d], {})]
             for d in cell_dirs}
     if any(todo.values()):

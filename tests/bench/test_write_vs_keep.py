@@ -25,7 +25,7 @@ def test_snapshot_windows_equal_what_the_stream_logged(tmp_path):
             assert scored[f"last_{metric}"] == logged[f"recent_{metric}"]
             assert scored[f"last_{metric}_se"] == logged[f"recent_{metric}_se"]
 
-    assert json.loads(cache.read_text())[str(out.resolve())] == points
+    assert json.loads(cache.read_text())[f"{out.resolve()} window=3"] == points
     assert measure([str(out)], "no-such-model", str(EDIT_DATA), 3, cache) == results  # cached
     rows = table(results, 3).splitlines()
     assert rows[0] == ("| cell, edits | first-3 efficacy | last-3 efficacy | first-3 generalization "
