@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -254,13 +254,13 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
                       cfg.fluency_samples, cfg.fluency_tokens]
                      + ([True] if cfg.skip_bad_records else [])    # old keys stay valid
                      + ([to_dict(cfg.neighbours)] if cfg.neighbours.pool else [])
-                     + ([cfg.retention_also] if cfg.retention_also else [])
-                     + ([{"recent": cfg.recent_edits}] if cfg.recent_edits else []))
+                     + ([cfg.retention_also] if cfg.retention_also else []))
     path = cache_root() / "unedited" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.exists():
         return json.loads(path.read_text())["scores"]
     log.info("scoring the unedited model on the %d edit requests", len(requests))
-    scores = evaluation(lm, requests, cfg, len(requests), final=True)
+    # no recent_ window: which edits are the newest changes from point to point
+    scores = evaluation(lm, requests, replace(cfg, recent_edits=None), len(requests), final=True)
     if cfg.fluency_samples:
         scores["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
                                     cfg.fluency_tokens)

@@ -3,8 +3,11 @@
 the model as it is at that point; and the last `recent_edits` applied as
 `recent_<metric>`."""
 
+from dataclasses import replace
+
 from tasks.evaluate.metrics import aggregate, score_requests
-from tasks.stream import StreamConfig, config_digest, scored_evaluation, stream_requests
+from tasks.stream import (StreamConfig, config_digest, scored_evaluation, stream_requests,
+                          unedited_scores)
 from tests.conftest import EDIT_DATA
 
 
@@ -48,3 +51,13 @@ def test_extra_windows_are_logging_only_and_leave_a_checkpoint_resumable():
     assert config_digest(plain) == config_digest(StreamConfig(num_edits=12,
                                                               retention_also=[100]))
     assert config_digest(plain) == config_digest(StreamConfig(num_edits=12, recent_edits=100))
+
+
+def test_the_unedited_scores_have_no_recent_window_and_share_one_cache(tiny):
+    cfg = StreamConfig(model="tiny-llama", data=str(EDIT_DATA), num_edits=12, retention_edits=2,
+                       fluency_samples=0, offset=40)
+    requests, _ = stream_requests(cfg, tiny.tokenizer)
+    plain = unedited_scores(tiny, requests, cfg)
+    assert not any(name.startswith("recent_") for name in plain)
+    with_recent = replace(cfg, recent_edits=3)
+    assert unedited_scores(None, requests, with_recent) == plain   # read from the cache
