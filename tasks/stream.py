@@ -259,7 +259,8 @@ def unedited_scores(lm, requests, cfg: StreamConfig) -> dict[str, float]:
     if path.exists():
         return json.loads(path.read_text())["scores"]
     log.info("scoring the unedited model on the %d edit requests", len(requests))
-    # no recent_ window: which edits are the newest changes from point to point
+    # no recent_ window: the newest edits differ at every point, so the unedited model has
+    # no one score for them
     scores = evaluation(lm, requests, replace(cfg, recent_edits=None), len(requests), final=True)
     if cfg.fluency_samples:
         scores["fluency"] = fluency(lm, [r.prompt for r in requests[:cfg.fluency_samples]],
