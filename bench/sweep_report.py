@@ -5,11 +5,16 @@
 
 Reads every cell's `summary.json` under `<grid-dir>/cells/`, prints one row per cell with
 the final edit metrics ± their standard error (each is a share of edits over the n scored,
-so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity (the grid's token perplexity and lm-eval's word perplexity), the
-capability scores, fluency,
-the anchor deviation tr(ΔWᵀC̄0ΔW)/tr(W0ᵀC̄0W0) (from the edited layers when a cell
-predates its logging), the share of edits whose target value did not converge, and edits/s. The plot puts each
-cell at (held-out perplexity, efficacy), one line per editor kind through its settings.
+so SE = √(p(1−p)/n)), the first-k retention, held-out perplexity (the grid's token
+perplexity and lm-eval's word perplexity), the capability scores, fluency, the anchor
+deviation tr(ΔWᵀC̄0ΔW)/tr(W0ᵀC̄0W0) (from the edited layers when a cell predates its
+logging), the share of edits whose target value did not converge, and edits/s. The plot
+puts each cell at (held-out perplexity, efficacy), one line per editor kind through its
+settings. `--pair A B` adds the paired difference of two cells edit by edit, also across
+grid folders (a cell name found in two grids is labelled `grid/cell` the second time):
+
+    python -m bench.sweep_report --grid-dir /root/rlsedit-runs/grid-cpu-1k-half \
+        /root/rlsedit-runs/grid-cpu-1k --pair rlsedit-L23456-m1300-half memit-L23456-half
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 from pathlib import Path
 
 from bench.docs import append_section, command_line
-from pipelines.report import save_figure
+from pipelines.report import paired_table, save_figure
 
 SHARES = ("efficacy", "generalization", "specificity", "specificity_nbhd", "retention_efficacy")
 SETTING_KEY = {"rls": "mu", "memit": "cov_weight", "alphaedit": "nullspace_rel", "ft": "norm_bound"}
@@ -39,10 +44,37 @@ def read_cells(grid_dirs: list[str], skip: list[str] = ()) -> dict[str, dict]:
             summary = json.loads(path.read_text())
             if "anchor_deviation" not in summary["final"]:
                 summary["final"]["anchor_deviation"] = final_deviation(summary, path.parent)
-            cells[path.parent.name] = summary
+            summary["cell_dir"] = str(path.parent)
+            name = path.parent.name
+            cells[name if name not in cells else f"{Path(grid_dir).name}/{name}"] = summary
     if not cells:
         raise SystemExit(f"no finished cell (cells/*/summary.json) under {grid_dirs}")
     return cells
+
+
+def find_cell(cells: dict[str, dict], text: str) -> str:
+    """The one cell named `text`, or whose name contains it; SystemExit otherwise."""
+    if text in cells:
+        return text
+    found = [name for name in cells if text in name]
+    if len(found) != 1:
+        raise SystemExit(f"--pair {text!r} matches {len(found)} cells ({found[:5]}): give a "
+                         f"longer part of one cell's name")
+    return found[0]
+
+
+def paired_rows(cells: dict[str, dict], pairs: list[list[str]]) -> str:
+    """`pipelines.report.paired_table` over the named pairs of cells, edit by edit from
+    each cell's `final_scores.json` (cells of any of the grids, scored on the same edits)."""
+    pairs = [(find_cell(cells, a), find_cell(cells, b)) for a, b in pairs]
+    scored = {}
+    for name in {name for pair in pairs for name in pair}:
+        path = Path(cells[name]["cell_dir"]) / "final_scores.json"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: the cell {name} kept no per-edit scores")
+        scored[name] = {**cells[name], "final_scores": json.loads(path.read_text())}
+    table = paired_table(scored, pairs=pairs)
+    return table or "(no pair was scored on the same edits)"
 
 
 def final_deviation(summary: dict, cell_dir: Path) -> float:
@@ -155,9 +187,14 @@ def main(argv=None) -> None:
     parser.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
     parser.add_argument("--skip", nargs="+", default=[], metavar="TEXT",
                         help="leave out cells whose name contains any of these")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also the paired difference A − B edit by edit (cell names or "
+                             "unique parts of them; repeat for more pairs)")
     args = parser.parse_args(argv)
     cells = read_cells(args.grid_dir, args.skip)
     body = table(cells)
+    if args.pair:
+        body += "\n\n" + paired_rows(cells, args.pair)
     if args.plot:
         shown = Path(args.plot)
         shown = shown.relative_to("docs") if shown.is_relative_to("docs") else shown.resolve()

@@ -100,25 +100,26 @@ def paired_difference(a: list[float], b: list[float], resamples: int = 2000,
 
 
 def paired_table(summaries: dict[str, dict], metrics=("efficacy", "generalization", "specificity",
-                                                      "specificity_nbhd", "retention_efficacy")
-                 ) -> str:
+                                                      "specificity_nbhd", "retention_efficacy"),
+                 pairs: list[tuple[str, str]] | None = None) -> str:
     """Markdown: for each pair of summaries scored on the same edits (`final_scores`), the
     mean difference of each metric edit by edit and its 95% interval; `*` marks an
-    interval that excludes 0. Empty when fewer than two summaries have scores."""
+    interval that excludes 0. `pairs`: which (first, second) names (default: every pair
+    in order). Empty when no pair has scores on the same edits."""
     scored = {name: s["final_scores"] for name, s in summaries.items() if s.get("final_scores")}
     names = list(scored)
-    metrics = [m for m in metrics if all(m in scores for scores in scored.values())]
+    pairs = pairs or [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b) for a, b in pairs if a in scored and b in scored
+             and scored[a]["edits"] == scored[b]["edits"]]
+    metrics = [m for m in metrics if all(m in scored[name] for pair in pairs for name in pair)]
     rows = []
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            if scored[first]["edits"] != scored[second]["edits"]:
-                continue
-            cells = []
-            for metric in metrics:
-                mean, low, high = paired_difference(scored[first][metric], scored[second][metric])
-                mark = "*" if low > 0 or high < 0 else ""
-                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
-            rows.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
+    for first, second in pairs:
+        cells = []
+        for metric in metrics:
+            mean, low, high = paired_difference(scored[first][metric], scored[second][metric])
+            mark = "*" if low > 0 or high < 0 else ""
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+        rows.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
     k = next(iter(summaries.values()))["retention_first_k"]

@@ -2,7 +2,9 @@
 
 import json
 
-from bench.sweep_report import curve_label, plot_tradeoff, read_cells, table
+import pytest
+
+from bench.sweep_report import curve_label, paired_rows, plot_tradeoff, read_cells, table
 
 
 def summary(kind: str, setting: dict, layers: list[int], efficacy: float, ppl: float) -> dict:
@@ -34,3 +36,23 @@ def test_a_curve_per_editor_kind_and_layer_span(tmp_path):
     png = plot_tradeoff(cells, str(tmp_path / "tradeoff.png"))
     assert png.stat().st_size > 0
     assert list(read_cells([grid], skip=["rls-b", "memit"])) == ["m-rls-a-s0", "m-rls-c-s0"]
+
+
+def test_pairs_across_grid_folders(tmp_path):
+    """--pair finds cells by a part of their name in any grid folder, labels a name found
+    twice by its grid, and pairs each cell's per-edit scores edit by edit."""
+    hits = [1.0] * 90 + [0.0] * 10
+    misses = [1.0] * 60 + [0.0] * 40
+    grids = []
+    for grid, (efficacy, scores) in {"grid-a": (0.9, hits), "grid-b": (0.6, misses)}.items():
+        root = tmp_path / grid
+        grids.append(write_grid(root, {"m-rls-s0": summary("rls", {"mu": 130}, [6], efficacy, 80.0)}))
+        (root / "cells" / "m-rls-s0" / "final_scores.json").write_text(
+            json.dumps({"edits": list(range(100)), "efficacy": scores}))
+    cells = read_cells(grids)
+    assert list(cells) == ["m-rls-s0", "grid-b/m-rls-s0"]
+    rows = paired_rows(cells, [["m-rls-s0", "grid-b"]])
+    assert "| m-rls-s0 − grid-b/m-rls-s0 | +0.300 [" in rows
+    assert rows.splitlines()[-1].split("|")[2].strip().endswith("*")   # 30 of 100 edits differ
+    with pytest.raises(SystemExit, match="matches 2 cells"):
+        paired_rows(cells, [["rls", "grid-b"]])
