@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.docs import append_section, command_line
+from bench.docs import publish
 from pipelines.report import _value, plot_panels
 from tasks.storage import Location
 from tasks.stream import newest_checkpoint
@@ -93,10 +93,8 @@ def main(argv=None) -> None:
         plot_panels(cells, metrics, opts.plot, title)
         if opts.plot.startswith("docs/"):
             body += f"\n\n![the cells against edits applied]({Path(opts.plot).relative_to('docs')})"
-    print(body)
-    if opts.append:
-        append_section(title, command_line("bench.cell_curves", argv),
-                       "this machine, read from the cells' files while or after they ran", body)
+    publish(body, opts.append, title, "bench.cell_curves", argv,
+            "this machine, read from the cells' files while or after they ran")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from bench.docs import append_section, command_line
+from bench.docs import publish
 from bench.sweep_report import read_cells
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.config import from_dict
@@ -117,10 +117,8 @@ def main(argv=None) -> None:
     if budgets:
         parts.append(budget_table(budgets))
     body = "\n\n".join(parts)
-    print(body)
-    if args.append:
-        append_section("Deviation budget: predicted against measured anchor deviation",
-                       command_line("bench.deviation_prediction", argv), "this machine", body)
+    publish(body, args.append, "Deviation budget: predicted against measured anchor deviation",
+            "bench.deviation_prediction", argv)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,12 @@ def command_line(module: str, argv=None) -> str:
 def append_section(heading: str, command: str, setting: str, body: str) -> None:
     with open(DOCS, "a") as f:
         f.write(f"\n### {heading}\n\n`{command}` ({setting})\n\n{body}\n")
+
+
+def publish(body: str, append: bool, heading: str, module: str, argv=None,
+            setting: str = "this machine") -> None:
+    """Print a bench script's result; with `append`, also add it to the docs under `heading`
+    with the command line `python -m <module> ...` it was run with."""
+    print(body)
+    if append:
+        append_section(heading, command_line(module, argv), setting, body)

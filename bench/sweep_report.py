@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.docs import append_section, command_line
+from bench.docs import publish
 from pipelines.report import paired_table, save_figure
 
 SHARES = ("efficacy", "generalization", "specificity", "specificity_nbhd", "retention_efficacy")
@@ -200,10 +200,7 @@ def main(argv=None) -> None:
         shown = shown.relative_to("docs") if shown.is_relative_to("docs") else shown.resolve()
         body += f"\n\n![efficacy against held-out perplexity]({shown})"
         plot_tradeoff(cells, args.plot)
-    print(body)
-    if args.append:
-        append_section(args.heading, command_line("bench.sweep_report", argv), "this machine",
-                       body)
+    publish(body, args.append, args.heading, "bench.sweep_report", argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from bench.docs import append_section, command_line
+from bench.docs import publish
 from tasks.data import load_requests
 from tasks.extract.prompts import kl_batch, make_context_templates, prompt_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
@@ -71,11 +71,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     body = measure(args.model, args.layer, args.num_edits)
-    print(body)
-    if args.append:
-        append_section(f"Where an edit lands: {args.model} layer {args.layer}, "
-                       f"{args.num_edits} edits of counterfact-train.json",
-                       command_line("bench.write_fidelity", argv), "this machine", body)
+    publish(body, args.append, f"Where an edit lands: {args.model} layer {args.layer}, "
+            f"{args.num_edits} edits of counterfact-train.json", "bench.write_fidelity", argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bench.docs import append_section, command_line
+from bench.docs import publish
 from pipelines.report import _value
 from tasks.data import load_requests
 from tasks.evaluate.metrics import aggregate, score_requests
@@ -108,11 +108,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(opts.threads)
     results = measure(opts.cell_dirs, opts.model, opts.data, opts.window, opts.cache)
     body = table(results, opts.window)
-    print(body)
-    if opts.append:
-        append_section(f"Written or kept: the first {opts.window} edits against the last "
-                       f"{opts.window} applied", command_line("bench.write_vs_keep", argv),
-                       f"this machine, {opts.threads} thread(s)", body)
+    publish(body, opts.append, f"Written or kept: the first {opts.window} edits against the "
+            f"last {opts.window} applied", "bench.write_vs_keep", argv,
+            f"this machine, {opts.threads} thread(s)")
 
 
 if __name__ == "__main__":
