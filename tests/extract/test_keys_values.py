@@ -161,3 +161,17 @@ def test_margin_stop_ends_each_edit_once_it_wins_by_the_margin():
     nll, _ = continuation_scores(lm, [(r.prompt, t) for r in reqs
                                       for t in (r.target_new, r.ground_truth)])
     assert ((nll[1::2] - nll[0::2]) > 0.5 - 1e-2).all(), nll
+
+
+@pytest.mark.parametrize("lam,mu,low,high", [(1e-6, 0.0, 0.99, 1.0), (1.0, 130.0, 0.0, 0.99)])
+def test_rls_writes_a_share_of_the_asked_change_set_by_its_regularisers(lam, mu, low, high):
+    """‖K ΔW‖/‖V − K W‖ at the batch's own keys: all of it when nothing holds W back
+    (λ → 0, no anchor), less with the pull to W0 and the anchor."""
+    from tasks.editors import build_editor
+    from tasks.models import load_model
+
+    lm = load_model("tiny-llama")  # a private copy: this test edits weights
+    stats = anchor_stats(lm, [1], read_corpus(CORPUS, 40))
+    editor = build_editor("rlsedit", {1: lm.edit_weight(1)}, stats, {"lam": lam, "mu": mu})
+    out = apply_edit_batch(lm, editor, [request()], TEMPLATES, (1,), ValueArgs(steps=5))
+    assert low < out["written_share_L1"] < high
