@@ -60,9 +60,9 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:
     `update_norm_L{l}` = ||ΔW||_F per layer, the size of the requested change;
     `written_share_L{l}` = ||K ΔW||_F / ||V − K W||_F, how much of the change asked at the
-    batch's own keys the editor wrote (1: all of it; RLSEdit's S(I+S)⁻¹ with S = K P Kᵀ is
-    below 1 and shrinks as P contracts over the stream); phase timings, and under "edits"
-    one record per edit of how its target value converged."""
+    batch's own keys the editor wrote (1: all of it; RLSEdit writes S(I+S)⁻¹ of it with
+    S = K P Kᵀ, below 1); phase timings, and under "edits" one record per edit of how its
+    target value converged."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
     return _key_value_batch(lm, editor, requests, templates, layers, value_args,
@@ -142,7 +142,7 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
         stats[f"update_norm_L{layer}"] = float(delta_W.norm())
         asked = change.to(W.dtype)[key_edits]              # V − K W [R, d_v]
         stats[f"written_share_L{layer}"] = float((keys.to(W.dtype) @ delta_W).norm()
-                                                 / asked.norm())
+                                                 / asked.norm().clamp_min(1e-30))
         clock.stop("update")
     return {**stats, **clock.stats()}
 
