@@ -44,7 +44,6 @@ def read_cells(grid_dirs: list[str], skip: list[str] = ()) -> dict[str, dict]:
             summary = json.loads(path.read_text())
             if "anchor_deviation" not in summary["final"]:
                 summary["final"]["anchor_deviation"] = final_deviation(summary, path.parent)
-            summary["cell_dir"] = str(path.parent)
             name = path.parent.name
             cells[name if name not in cells else f"{Path(grid_dir).name}/{name}"] = summary
     if not cells:
@@ -64,16 +63,13 @@ def find_cell(cells: dict[str, dict], text: str) -> str:
 
 
 def paired_rows(cells: dict[str, dict], pairs: list[list[str]]) -> str:
-    """`pipelines.report.paired_table` over the named pairs of cells, edit by edit from
-    each cell's `final_scores.json` (cells of any of the grids, scored on the same edits)."""
+    """`pipelines.report.paired_table` over the named pairs of cells, edit by edit from the
+    per-edit scores each summary carries (cells of any of the grids, on the same edits)."""
     pairs = [(find_cell(cells, a), find_cell(cells, b)) for a, b in pairs]
-    scored = {}
     for name in {name for pair in pairs for name in pair}:
-        path = Path(cells[name]["cell_dir"]) / "final_scores.json"
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: the cell {name} kept no per-edit scores")
-        scored[name] = {**cells[name], "final_scores": json.loads(path.read_text())}
-    table = paired_table(scored, pairs=pairs)
+        if not cells[name].get("final_scores"):
+            raise SystemExit(f"the cell {name} kept no per-edit scores (final_scores)")
+    table = paired_table(cells, pairs=pairs)
     return table or "(no pair was scored on the same edits)"
 
 

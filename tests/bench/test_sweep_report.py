@@ -45,10 +45,9 @@ def test_pairs_across_grid_folders(tmp_path):
     misses = [1.0] * 60 + [0.0] * 40
     grids = []
     for grid, (efficacy, scores) in {"grid-a": (0.9, hits), "grid-b": (0.6, misses)}.items():
-        root = tmp_path / grid
-        grids.append(write_grid(root, {"m-rls-s0": summary("rls", {"mu": 130}, [6], efficacy, 80.0)}))
-        (root / "cells" / "m-rls-s0" / "final_scores.json").write_text(
-            json.dumps({"edits": list(range(100)), "efficacy": scores}))
+        cell = {**summary("rls", {"mu": 130}, [6], efficacy, 80.0),   # as a grid cell's
+                "final_scores": {"edits": list(range(100)), "efficacy": scores}}
+        grids.append(write_grid(tmp_path / grid, {"m-rls-s0": cell}))
     cells = read_cells(grids)
     assert list(cells) == ["m-rls-s0", "grid-b/m-rls-s0"]
     rows = paired_rows(cells, [["m-rls-s0", "grid-b"]])
