@@ -131,7 +131,8 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
                                       (target.stream_target - z_now) / (len(layers) - i))
         clock.start("update")
         W = editor.weight(layer)
-        values = keys.to(W.dtype) @ W + change.to(W.dtype)[key_edits]       # [R, d_v]
+        keys, asked = keys.to(W.dtype), change.to(W.dtype)[key_edits]   # asked: V − K W
+        values = keys @ W + asked                                         # [R, d_v]
         try:
             delta_W = editor.update(layer, keys, values)
         except ValueError as err:
@@ -140,8 +141,7 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
                                  f"untouched; the run stops here.") from err
         lm.write_edit_weight(layer, editor.weight(layer))
         stats[f"update_norm_L{layer}"] = float(delta_W.norm())
-        asked = change.to(W.dtype)[key_edits]              # V − K W [R, d_v]
-        stats[f"written_share_L{layer}"] = float((keys.to(W.dtype) @ delta_W).norm()
+        stats[f"written_share_L{layer}"] = float((keys @ delta_W).norm()
                                                  / asked.norm().clamp_min(1e-30))
         clock.stop("update")
     return {**stats, **clock.stats()}
