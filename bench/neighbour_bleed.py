@@ -22,12 +22,15 @@ layer 4's reach to neighbours, kept no more of it (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 
 import torch
 
 from bench.docs import publish
 from tasks.anchor import AnchorArgs, cached_anchor_stats
 from tasks.data import load_requests
+from tasks.editors.rls import RLSLayerState
+from tasks.extract.hooks import capture
 from tasks.extract.prompts import prompt_batch
 from tasks.extract.tokens import TokenBatch, build_batch
 from tasks.models import load_model
@@ -38,16 +41,11 @@ TRAIN = "../shared/data/counterfact/counterfact-train.json"
 @torch.no_grad()
 def projection_inputs(lm, layers: list[int], batch: TokenBatch) -> dict[int, torch.Tensor]:
     """The input of each layer's MLP output projection at every position -> {layer: [B, T, d_k]}."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = [lm.mlp_out(layer).register_forward_pre_hook(
-        lambda _m, inputs, layer=layer: seen.__setitem__(layer, inputs[0].double()))
-        for layer in layers]
-    try:
+    with ExitStack() as stack:
+        seen = {layer: stack.enter_context(capture(lm.mlp_out(layer), "input"))
+                for layer in layers}
         lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    return {layer: store["value"].double() for layer, store in seen.items()}
 
 
 def largest_share(keys: torch.Tensor, counted: torch.Tensor, Pk: torch.Tensor,
@@ -84,10 +82,11 @@ def reach(lm, layers: list[int], requests, P: dict[int, torch.Tensor], field: st
 
 
 def write_inverses(lm, layers: list[int], lam: float, mu: float) -> dict[int, torch.Tensor]:
-    """P = (λI + μ·C̄0)⁻¹ per layer [d_k, d_k] float64, C̄0 over the default anchor corpus."""
+    """P = (λI + μ·C̄0)⁻¹ per layer [d_k, d_k] float64, C̄0 over the default anchor corpus:
+    the RLS editor's own starting state."""
     stats = cached_anchor_stats(lm, layers, AnchorArgs())
-    return {layer: torch.linalg.inv(lam * torch.eye(s.cov.shape[0], dtype=torch.float64)
-                                    + mu * s.mean_cov) for layer, s in stats.items()}
+    return {layer: RLSLayerState.init(lm.edit_weight(layer), s.mean_cov, lam, mu).P
+            for layer, s in stats.items()}
 
 
 def measure(model: str, layers: list[int] | None, num_edits: int, lam: float, mu: float) -> str:
