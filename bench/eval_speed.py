@@ -13,8 +13,9 @@ scores agree: per-request metrics and token accuracies exactly, NLLs and perplex
 1e-5, absolute and relative (the reference itself moves NLLs of ~20 nats by 2.5e-5
 between batch sizes 32 and 7). Requests are the first `--num-requests` of `--data` with
 up to 10 neighbourhood prompts each (`with_neighbours`, the stream's default pool);
-held-out texts as `HeldoutArgs`. The capability suite, not changed by issue 15, is timed
-once when `--capability` names a profile, for its share.
+held-out texts as `HeldoutArgs`. With `--capability PROFILE` the lm-eval suite is timed too:
+lm-eval's own HFLM against `SharedContextHFLM` (each context's choices share one forward),
+scores checked equal to 1e-5 relative.
 
 The references live here (`tests/evaluate/test_metrics_speed.py` uses them too) as the definition
 that the fast paths must reproduce; they are not a production path.
@@ -158,6 +159,28 @@ def alternating(repeats: int, old, new) -> tuple:
             runs[new][0][0], [s for _, s in runs[new]])
 
 
+def capability_suites(lm, profile: str):
+    """The suite `profile` on `lm` twice: through lm-eval's own HFLM (before) and through
+    today's `SharedContextHFLM` (now)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from tasks.evaluate.capability import CapabilityArgs, CapabilitySuite
+
+    plain, shared = (CapabilitySuite(lm, CapabilityArgs(profile=profile)) for _ in range(2))
+    length = {"max_length": plain.args.max_length} if plain.args.max_length else {}
+    plain.hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer,
+                      batch_size=plain.args.batch_size, **length)
+    return plain, shared
+
+
+def suite_check(old: dict[str, float], new: dict[str, float]) -> tuple[bool, str]:
+    """Whether two suite results agree: the same metrics, to NLL_TOLERANCE relative."""
+    worst = max((abs(old[k] - new[k]) / max(abs(old[k]), 1e-12) for k in old), default=0.0)
+    ok = old.keys() == new.keys() and worst <= NLL_TOLERANCE
+    return ok, (f"{len(old)} scores {'equal' if ok else 'DIFFER'}, "
+                f"max rel. diff {worst:.1e}")
+
+
 def measure(opts) -> tuple[list[list[str]], list[str]]:
     """Table rows [part, old s, new s, ratio, every run's s, check] and notes."""
     from tasks.anchor import read_corpus
@@ -186,12 +209,13 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
              f"metrics {'equal' if scores_ok else 'DIFFER'}, {nll_note}"],
             ["held-out perplexity", old_ppl_s, new_ppl_s,
              f"{old_ppl:.4f} vs {new_ppl:.4f} (rel. diff {ppl_diff:.1e})"]]
+    suite_ok = True
     if opts.capability:
-        from tasks.evaluate.capability import CapabilityArgs, CapabilitySuite
-
-        _, cap_s = timed(CapabilitySuite(lm, CapabilityArgs(profile=opts.capability)).score)
-        rows.append([f"capability suite `{opts.capability}` (unchanged, timed once)",
-                     [cap_s], [cap_s], ""])
+        plain, shared = capability_suites(lm, opts.capability)
+        old_cap, old_cap_s, new_cap, new_cap_s = alternating(opts.repeats, plain.score,
+                                                             shared.score)
+        suite_ok, suite_note = suite_check(old_cap, new_cap)
+        rows.append([f"capability suite `{opts.capability}`", old_cap_s, new_cap_s, suite_note])
     rows.append(["evaluation point", [sum(min(r[1]) for r in rows)],
                  [sum(min(r[2]) for r in rows)], ""])
     table = [[part, f"{min(a):.1f}", f"{min(b):.1f}", f"{min(a) / min(b):.2f}",
@@ -203,7 +227,7 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
              f"{len(texts)} held-out texts cut at {heldout.max_tokens} tokens",
              f"before/now: least seconds of {opts.repeats} run(s) each, old and new "
              f"alternating; every run's seconds beside them"]
-    if not (scores_ok and nll_ok and ppl_diff <= NLL_TOLERANCE):
+    if not (scores_ok and nll_ok and ppl_diff <= NLL_TOLERANCE and suite_ok):
         notes.append("CHECK FAILED: the new scores differ from the reference")
     return table, notes
 

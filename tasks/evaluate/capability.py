@@ -98,13 +98,13 @@ class CapabilitySuite:
     `lm.model` and call `score()` again; nothing is reloaded."""
 
     def __init__(self, lm, args: CapabilityArgs):
-        from lm_eval.models.huggingface import HFLM
+        from tasks.evaluate.shared_context import SharedContextHFLM
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data: no hub round trip
         self.args = args
         self.tasks, self.limit = resolve_suite(args)
         kwargs = {"max_length": args.max_length} if args.max_length else {}
-        self.hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer,
+        self.hflm = SharedContextHFLM(pretrained=lm.model, tokenizer=lm.tokenizer,
                          batch_size=args.batch_size, **kwargs)
         self._manager = None
 

@@ -111,19 +111,27 @@ def continuation_scores(lm, pairs: list[tuple[str, str]],
     tokens, which runs once (`batch_size` prompts per forward, prefixes of one length).
     Logits are computed only at target positions.
     """
-    nll, acc = torch.empty(len(pairs)), torch.empty(len(pairs))
     if not pairs:
-        return nll, acc
+        return torch.empty(0), torch.empty(0)
     batch = build_batch(lm.tokenizer, [p + " " + t for p, t in pairs],
                         target_starts=[len(p) for p, _ in pairs])
-    for length, chunk in _prefix_chunks(batch, _prompt_groups(pairs), batch_size):
+    return grouped_target_scores(lm.model, batch, _prompt_groups(pairs), batch_size)
+
+
+def grouped_target_scores(model, batch: TokenBatch, groups: list[list[int]],
+                          batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL and token accuracy [N] of the labelled tokens of the N right-padded rows of
+    `batch`, where the rows of each group (indices into `batch`) usually share a token
+    prefix: it runs once per group, `batch_size` groups per forward. Exact whatever the
+    grouping; the grouping only decides what is shared."""
+    nll, acc = torch.empty(len(batch.input_ids)), torch.empty(len(batch.input_ids))
+    for length, chunk in _prefix_chunks(batch, groups, batch_size):
         rows = torch.tensor([i for group in chunk for i in group])
         owner = torch.repeat_interleave(torch.arange(len(chunk)),
                                         torch.tensor([len(group) for group in chunk]))
-        sub = batch.select(rows).to(lm.model.device)
-        hidden = _hidden_with_shared_prefix(lm.model, sub.input_ids,
-                                            owner.to(lm.model.device), length)
-        nll[rows], acc[rows] = _target_scores(lm.model, hidden, sub.labels)
+        sub = batch.select(rows).to(model.device)
+        hidden = _hidden_with_shared_prefix(model, sub.input_ids, owner.to(model.device), length)
+        nll[rows], acc[rows] = _target_scores(model, hidden, sub.labels)
     return nll, acc
 
 
