@@ -62,11 +62,37 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     `written_share_L{l}` = ||K ΔW||_F / ||V − K W||_F, how much of the change asked at the
     batch's own keys the editor wrote (1: all of it; RLSEdit writes S(I+S)⁻¹ of it with
     S = K P Kᵀ, below 1); phase timings, and under "edits" one record per edit of how its
-    target value converged."""
+    target value converged. With `value_args.rewrite_below` set, the edits whose bare
+    prompt falls short of it after the write have their rows submitted once more (a
+    layer's keys as measured before the first write): `rewritten` counts them and
+    `bare_margin_mean` is the batch's mean margin before that."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
-    return _key_value_batch(lm, editor, requests, templates, layers, value_args,
-                            key_args or KeyArgs())
+    key_args = key_args or KeyArgs()
+    stats, rows = _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args)
+    if value_args.rewrite_below is None:
+        return stats
+    margins = bare_margins(lm, requests)
+    weak = margins < value_args.rewrite_below                                  # [E]
+    stats.update(rewritten=int(weak.sum()), bare_margin_mean=float(margins.mean()))
+    if weak.any():   # their rows once more, with the same targets: weight 2 in the sum
+        tic = time.perf_counter()
+        for layer, (keys, values, key_edits) in rows.items():
+            again = weak.to(key_edits.device)[key_edits]
+            _update_layer(lm, editor, layer, keys[again], values[again], requests)
+        stats["seconds_update"] += time.perf_counter() - tic
+    return stats
+
+
+def bare_margins(lm, requests: list[EditRequest]) -> torch.Tensor:
+    """[E] how far each edit's bare prompt prefers target_new over ground_truth on the
+    model as it is: mean-token NLL of the truth minus that of the new target (efficacy
+    scores > 0)."""
+    from tasks.evaluate.metrics import continuation_scores
+
+    nll, _ = continuation_scores(lm, [(r.prompt, answer) for r in requests
+                                      for answer in (r.target_new, r.ground_truth)])
+    return nll[1::2] - nll[0::2]
 
 
 def layer_change(lm, layer: int, bare, wanted: torch.Tensor) -> torch.Tensor:
@@ -102,9 +128,12 @@ def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
                                                   target.margin, target.converged)]}
 
 
-def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args) -> dict:
+def _key_value_batch(lm, editor, requests, templates, layers, value_args,
+                     key_args) -> tuple[dict, dict]:
     """Keys and target values, the residual spread over `layers` as MEMIT does (layer i of
-    n takes 1/(n-i) of what is still missing at the last layer)."""
+    n takes 1/(n-i) of what is still missing at the last layer). Returns the step's stats
+    and what each layer was asked: {layer: (keys [R, d_k], values [R, d_v], edit of each
+    row [R])}."""
     device = lm.model.device
     clock = PhaseClock()
     with clock("values"):
@@ -116,7 +145,7 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
             truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0].to(device)
         target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args, truth)
     bare = prompt_batch(lm.tokenizer, requests).to(device)
-    stats = value_stats(requests, target)
+    stats, rows = value_stats(requests, target), {}
     z_now = target.stream_init
     for i, layer in enumerate(layers):
         with clock("keys"):
@@ -133,18 +162,27 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args, key_ar
         W = editor.weight(layer)
         keys, asked = keys.to(W.dtype), change.to(W.dtype)[key_edits]   # asked: V − K W
         values = keys @ W + asked                                         # [R, d_v]
-        try:
-            delta_W = editor.update(layer, keys, values)
-        except ValueError as err:
-            raise EditBatchError(f"edits with case_id {[r.case_id for r in requests]} at "
-                                 f"layer {layer}: {err}. The model's last checkpoint is "
-                                 f"untouched; the run stops here.") from err
-        lm.write_edit_weight(layer, editor.weight(layer))
+        delta_W = _update_layer(lm, editor, layer, keys, values, requests)
+        rows[layer] = (keys, values, key_edits)
         stats[f"update_norm_L{layer}"] = float(delta_W.norm())
         stats[f"written_share_L{layer}"] = float((keys @ delta_W).norm()
                                                  / asked.norm().clamp_min(1e-30))
         clock.stop("update")
-    return {**stats, **clock.stats()}
+    return {**stats, **clock.stats()}, rows
+
+
+def _update_layer(lm, editor, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                  requests: list[EditRequest]) -> torch.Tensor:
+    """The editor's update of `layer` towards `values` [R, d_v] at `keys` [R, d_k], written
+    into the model; returns ΔW [d_k, d_v]."""
+    try:
+        delta_W = editor.update(layer, keys, values)
+    except ValueError as err:
+        raise EditBatchError(f"edits with case_id {[r.case_id for r in requests]} at "
+                             f"layer {layer}: {err}. The model's last checkpoint is "
+                             f"untouched; the run stops here.") from err
+    lm.write_edit_weight(layer, editor.weight(layer))
+    return delta_W
 
 
 def _fine_tune_batch(lm, editor, requests, layers) -> dict[str, float]:

@@ -77,6 +77,9 @@ class ValueArgs:
     margin: float = 2.0           # nats of mean-token log-probability, for stop_on: margin
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+    rewrite_below: float | None = None  # after a batch is written, its edits whose bare
+    # prompt still prefers target_new by less than this (mean-token nats; efficacy: > 0)
+    # have their key/value rows submitted once more, same targets (RLS: weight 2); None: never
     autocast: str | None = None   # bfloat16: the Adam steps' replays under torch.autocast
     # (the stream, the clamp and the written delta stay float32); auto: bfloat16 where the
     # device has native bfloat16 matmuls, else none

@@ -175,3 +175,27 @@ def test_rls_writes_a_share_of_the_asked_change_set_by_its_regularisers(lam, mu,
     editor = build_editor("rlsedit", {1: lm.edit_weight(1)}, stats, {"lam": lam, "mu": mu})
     out = apply_edit_batch(lm, editor, [request()], TEMPLATES, (1,), ValueArgs(steps=5))
     assert low < out["written_share_L1"] < high
+
+
+def test_edits_that_did_not_land_are_written_again():
+    """`values.rewrite_below`: with a strong anchor one write leaves the edits short of the
+    margin asked; their rows submitted again (weight 2) take them further. Off (None), the
+    step is what it was."""
+    from tasks.edit_step import bare_margins
+    from tasks.models import load_model
+
+    reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
+    args = ValueArgs(steps=20, lr=2.0, stop_on="margin", margin=3.0)
+    margins, outs = {}, {}
+    for rewrite_below in (None, 100.0):
+        lm = load_model("tiny-llama")  # a private copy: this test edits weights
+        editor = RLSEditor({1: lm.edit_weight(1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 20)),
+                           RLSArgs(lam=1.0, mu=2000.0))   # writes under 0.05 of it
+        outs[rewrite_below] = apply_edit_batch(
+            lm, editor, reqs, TEMPLATES, (1,), ValueArgs(**{**vars(args),
+                                                            "rewrite_below": rewrite_below}))
+        margins[rewrite_below] = bare_margins(lm, reqs)
+        assert editor.states[1].n_updates == (1 if rewrite_below is None else 2)
+    assert "rewritten" not in outs[None] and outs[100.0]["rewritten"] == len(reqs)
+    assert outs[100.0]["bare_margin_mean"] == pytest.approx(float(margins[None].mean()), abs=1e-4)
+    assert (margins[100.0] > margins[None]).all(), margins
