@@ -359,6 +359,9 @@ class EditStream:
         for key, sec in self.last_step_stats.items():
             if key.startswith("seconds_"):
                 phases[key[8:]] = phases.get(key[8:], 0.0) + sec
+        if "rewritten" in self.last_step_stats:   # values.rewrite_below: edits written twice
+            self.state["rewritten_total"] = (self.state.get("rewritten_total", 0)
+                                             + self.last_step_stats["rewritten"])
         self.state["position"] = n = start + len(batch)
         every = self.cfg.eval_every
         at_eval_point = n // every > start // every or n == self.cfg.num_edits
@@ -388,6 +391,7 @@ class EditStream:
         """Add speed and the last step's stats to `metrics` and keep them in the history."""
         metrics = {**metrics, "edits_per_second": self.position / self.state["edit_seconds"],
                    **self.last_step_stats, **convergence(self.state.get("edit_records", [])),
+                   **{k: self.state[k] for k in ("rewritten_total",) if k in self.state},
                    **self.anchor_deviation(),
                    **getattr(self.editor, "logged_settings", dict)()}
         self.state["history"].append({"edits": self.position, **metrics})
