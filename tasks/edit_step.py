@@ -63,8 +63,8 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     batch's own keys the editor wrote (1: all of it; RLSEdit writes S(I+S)⁻¹ of it with
     S = K P Kᵀ, below 1); phase timings, and under "edits" one record per edit of how its
     target value converged. With `value_args.rewrite_below` set, the edits whose bare
-    prompt falls short of it after the write have their rows submitted once more (a
-    layer's keys as measured before the first write): `rewritten` counts them and
+    prompt falls short of it after the write have their rows submitted once more (each
+    layer's keys and targets as the first pass measured them): `rewritten` counts them and
     `bare_margin_mean` is the batch's mean margin before that."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
