@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tasks.data import EditRequest
 from tasks.editors.base import Editor
+from tasks.evaluate.metrics import continuation_scores
 from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
@@ -88,8 +89,6 @@ def bare_margins(lm, requests: list[EditRequest]) -> torch.Tensor:
     """[E] how far each edit's bare prompt prefers target_new over ground_truth on the
     model as it is: mean-token NLL of the truth minus that of the new target (efficacy
     scores > 0)."""
-    from tasks.evaluate.metrics import continuation_scores
-
     nll, _ = continuation_scores(lm, [(r.prompt, answer) for r in requests
                                       for answer in (r.target_new, r.ground_truth)])
     return nll[1::2] - nll[0::2]

@@ -51,12 +51,17 @@ def _shared_prefix(input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
     return min(int(same.sum()), int(lengths.min()))
 
 
-def _prompt_groups(pairs: list[tuple[str, str]]) -> list[list[int]]:
-    """Indices of `pairs` grouped by prompt, in order of first appearance."""
-    groups: dict[str, list[int]] = {}
-    for i, (prompt, _) in enumerate(pairs):
-        groups.setdefault(prompt, []).append(i)
+def equal_key_groups(keys: list) -> list[list[int]]:
+    """Indices of `keys` grouped by equal (hashable) key, in order of first appearance."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
+
+
+def _prompt_groups(pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Indices of (prompt, target) `pairs` grouped by prompt, in order of first appearance."""
+    return equal_key_groups([prompt for prompt, _ in pairs])
 
 
 def _prefix_chunks(batch: TokenBatch, groups: list[list[int]],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from tasks.evaluate.metrics import grouped_target_scores
+from tasks.evaluate.metrics import equal_key_groups, grouped_target_scores
 from tasks.extract.tokens import TokenBatch, pad_right
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]  # (strings, context, continuation)
@@ -39,10 +39,7 @@ def request_batch(requests: list[Request], max_length: int) -> TokenBatch:
 
 def context_groups(requests: list[Request]) -> list[list[int]]:
     """Indices of `requests` grouped by their context tokens, in order of first appearance."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (_, context, _) in enumerate(requests):
-        groups.setdefault(tuple(context), []).append(i)
-    return list(groups.values())
+    return equal_key_groups([tuple(context) for _, context, _ in requests])
 
 
 class SharedContextHFLM(HFLM):
