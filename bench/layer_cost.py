@@ -1,0 +1,132 @@
+"""What each edited layer buys and costs: a cell's final weights with one layer put back to
+its unedited weights, and with one layer edited alone.
+
+    python -m bench.layer_cost /root/rlsedit-runs/grid-tune-s14-both/cells/smollm2-135m-rls-1k-p10-rw1-s0 --append
+
+An editor spread over several layers (MEMIT's residual spread, RLSEdit over layers 2-6)
+writes part of each edit at each layer. Which layer costs the held-out perplexity, and
+which one carries the edits? For a cell folder (its `summary.json` names the model, data
+and layers; `edited_layers.safetensors` holds the final weights) this scores, on the
+model with
+- every edited layer written in (`all`),
+- all but layer l written in (`all but L<l>`: what the others write without it),
+- only layer l written in (`only L<l>`: what it writes by itself),
+and the unedited model, the held-out token perplexity (the evaluators' texts and
+`tasks.evaluate.metrics.perplexity`) and efficacy, generalization and specificity over
+`--edits` of the stream's edits spread evenly over it. Forward passes only. Scores are
+kept in `--cache` (JSON), so that a run can stop and go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bench.docs import publish
+from pipelines.report import _value
+from tasks.anchor import read_corpus
+from tasks.corpus import HeldoutArgs
+from tasks.data import load_requests
+from tasks.evaluate.metrics import aggregate, perplexity, score_requests
+from tasks.models import load_model
+
+METRICS = ("efficacy", "generalization", "specificity")
+
+
+def weight_sets(edited: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{label: the weights to write in}: none, all, all but one layer, one layer only.
+    `edited` maps each edited layer's parameter name to its final weight."""
+    names = sorted(edited, key=layer_of)
+    sets = {"unedited": {}, "all": dict(edited)}
+    for name in names:
+        sets[f"all but L{layer_of(name)}"] = {n: w for n, w in edited.items() if n != name}
+    for name in names:
+        sets[f"only L{layer_of(name)}"] = {name: edited[name]}
+    return sets
+
+
+def layer_of(name: str) -> int:
+    """The block number in a parameter name such as `model.layers.4.mlp.down_proj.weight`."""
+    return next(int(part) for part in name.split(".") if part.isdigit())
+
+
+def evenly_spread(n_done: int, k: int) -> list[int]:
+    """k indices of the first n_done edits, evenly spread (all of them when k >= n_done)."""
+    if k >= n_done:
+        return list(range(n_done))
+    return [round(i * (n_done - 1) / (k - 1)) for i in range(k)]
+
+
+@torch.no_grad()
+def score_set(lm, weights: dict, requests, texts: list[str], max_tokens: int) -> dict:
+    """Held-out perplexity and the CounterFact shares on the model with `weights` written in."""
+    with lm.layers_loaded(weights):
+        scores = aggregate(score_requests(lm, requests))
+        ppl = perplexity(lm, texts, max_tokens)
+    return {"perplexity": ppl, **{k: v for k, v in scores.items()
+                                   if k.removesuffix("_se") in METRICS}}
+
+
+def measure(cell_dir: Path, k: int, cache: Path | None) -> dict[str, dict]:
+    """{weight-set label: scores} for the cell; read from and added to `cache`."""
+    summary = json.loads((cell_dir / "summary.json").read_text())
+    config = summary["config"]
+    results = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    key = f"{cell_dir.resolve()} edits={k}"
+    done = results.setdefault(key, {})
+    edited = load_file(str(cell_dir / "edited_layers.safetensors"))
+    sets = weight_sets(edited)
+    if all(label in done for label in sets):
+        return done
+    lm = load_model(config["model"])
+    n_done = len(summary["edit_records"])
+    requests = load_requests(config["data"], limit=n_done)
+    requests = [requests[i] for i in evenly_spread(len(requests), k)]
+    heldout = HeldoutArgs(**config.get("heldout", {}))   # a grid's cell names every field
+    texts = read_corpus(heldout.corpus, heldout.n_texts, offset=heldout.offset)
+    for label, weights in sets.items():
+        if label in done:
+            continue
+        done[label] = score_set(lm, weights, requests, texts, heldout.max_tokens)
+        print(f"{label}: ppl {done[label]['perplexity']:.2f}, "
+              f"efficacy {done[label]['efficacy']:.3f}", flush=True)
+        if cache:
+            cache.write_text(json.dumps(results, indent=1))
+    return done
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown: one row per weight set."""
+    header = ["weights", "held-out token ppl", *METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in results.items():
+        cells = [f"{row['perplexity']:.2f}", *(_value(row, m) for m in METRICS)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cell_dir", type=Path, help="a grid's cells/<name> folder")
+    parser.add_argument("--edits", type=int, default=100,
+                        help="edits scored, evenly spread over the stream")
+    parser.add_argument("--cache", type=Path, help="JSON of scores so far (resumes)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
+    opts = parser.parse_args(argv)
+    if not (opts.cell_dir / "edited_layers.safetensors").is_file():
+        raise SystemExit(f"{opts.cell_dir} holds no edited_layers.safetensors: give a "
+                         "finished cell's folder (cells/<name> of a grid)")
+    torch.set_num_threads(opts.threads)
+    results = measure(opts.cell_dir, opts.edits, opts.cache)
+    publish(table(results), opts.append,
+            f"Each edited layer's share: {opts.cell_dir.name}, {opts.edits} of its edits",
+            "bench.layer_cost", argv, f"this machine, {opts.threads} thread(s)")
+
+
+if __name__ == "__main__":
+    main()

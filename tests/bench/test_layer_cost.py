@@ -1,0 +1,35 @@
+"""Each edited layer's share, rescored from a real 6-edit stream over two layers: the whole
+edit scores what the stream logged, and with two layers "all but one" is "only the other"."""
+
+import json
+
+from bench.layer_cost import evenly_spread, layer_of, measure, table
+from pipelines.edit_stream import parse_args as stream_config, run_stream
+from tests.pipelines.conftest import stream_args
+
+
+def test_layer_sets_score_what_the_stream_logged(tmp_path):
+    out = tmp_path / "cell"
+    summary = run_stream(stream_config(stream_args(out) + [
+        "--set", "layers=[0,1]", "--num-edits", "6", "--eval-every", "6",
+        "--set", "heldout.n_texts=10"]))
+    cache = tmp_path / "layers.json"
+    results = measure(out, 6, cache)
+
+    assert list(results) == ["unedited", "all", "all but L0", "all but L1", "only L0", "only L1"]
+    for metric in ("efficacy", "generalization", "specificity", "perplexity"):
+        assert results["all"][metric] == summary["final"][metric]
+        assert results["unedited"][metric] == summary["unedited"][metric]
+        assert results["all but L0"][metric] == results["only L1"][metric]
+    assert results["all"]["perplexity"] != results["unedited"]["perplexity"]
+
+    assert json.loads(cache.read_text())[f"{out.resolve()} edits=6"] == results
+    rows = table(results).splitlines()
+    assert rows[0] == "| weights | held-out token ppl | efficacy | generalization | specificity |"
+    assert len(rows) == 2 + 6
+
+
+def test_spread_and_layer_names():
+    assert evenly_spread(5, 10) == [0, 1, 2, 3, 4]
+    assert evenly_spread(1000, 5) == [0, 250, 500, 749, 999]
+    assert layer_of("model.layers.12.mlp.down_proj.weight") == 12
