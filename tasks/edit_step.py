@@ -63,19 +63,23 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     `written_share_L{l}` = ||K ΔW||_F / ||V − K W||_F, how much of the change asked at the
     batch's own keys the editor wrote (1: all of it; RLSEdit writes S(I+S)⁻¹ of it with
     S = K P Kᵀ, below 1); phase timings, and under "edits" one record per edit of how its
-    target value converged. With `value_args.rewrite_below` set, the edits whose bare
-    prompt falls short of it after the write have their rows submitted once more (each
-    layer's keys and targets as the first pass measured them): `rewritten` counts them and
-    `bare_margin_mean` is the batch's mean margin before that."""
+    target value converged. With `value_args.rewrite_below` set, the edits whose margin
+    falls short of it after the write (on the bare prompt, or with `rewrite_on: prompts`
+    the least over the value optimisation's prompts) have their rows submitted once more
+    (each layer's keys and targets as the first pass measured them): `rewritten` counts
+    them and `bare_margin_mean` (or `prompt_margin_mean`) is the batch's mean margin before
+    that."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
     key_args = key_args or KeyArgs()
     stats, rows = _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args)
     if value_args.rewrite_below is None:
         return stats
-    margins = bare_margins(lm, requests)
+    on_prompts = value_args.rewrite_on == "prompts"
+    margins = least_margins(lm, requests, templates if on_prompts else ["{}"])
     weak = margins < value_args.rewrite_below                                  # [E]
-    stats.update(rewritten=int(weak.sum()), bare_margin_mean=float(margins.mean()))
+    margin_name = "prompt_margin_mean" if on_prompts else "bare_margin_mean"
+    stats.update({"rewritten": int(weak.sum()), margin_name: float(margins.mean())})
     if weak.any():   # their rows once more, with the same targets: weight 2 in the sum
         tic = time.perf_counter()
         for layer, (keys, values, key_edits) in rows.items():
@@ -85,13 +89,17 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     return stats
 
 
-def bare_margins(lm, requests: list[EditRequest]) -> torch.Tensor:
-    """[E] how far each edit's bare prompt prefers target_new over ground_truth on the
-    model as it is: mean-token NLL of the truth minus that of the new target (efficacy
-    scores > 0)."""
-    nll, _ = continuation_scores(lm, [(r.prompt, answer) for r in requests
-                                      for answer in (r.target_new, r.ground_truth)])
-    return nll[1::2] - nll[0::2]
+def least_margins(lm, requests: list[EditRequest], templates: list[str]) -> torch.Tensor:
+    """[E] how far each edit's prompt under `templates` ("{}": the bare prompt; a prefix
+    before "{}") prefers target_new over ground_truth on the model as it is, the least over
+    the templates: mean-token NLL of the truth minus that of the new target (efficacy
+    scores the bare prompt's > 0)."""
+    prompts = [template[: template.index("{}")] + r.prompt
+               for r in requests for template in templates]            # edit-major
+    answers = [(r.target_new, r.ground_truth) for r in requests for _ in templates]
+    nll, _ = continuation_scores(lm, [(prompt, answer) for prompt, pair in zip(prompts, answers)
+                                      for answer in pair])
+    return (nll[1::2] - nll[0::2]).view(len(requests), len(templates)).min(dim=1).values
 
 
 def layer_change(lm, layer: int, bare, wanted: torch.Tensor) -> torch.Tensor:

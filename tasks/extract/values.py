@@ -80,6 +80,9 @@ class ValueArgs:
     rewrite_below: float | None = None  # after a batch is written, its edits whose bare
     # prompt still prefers target_new by less than this (mean-token nats; efficacy: > 0)
     # have their key/value rows submitted once more, same targets (RLS: weight 2); None: never
+    rewrite_on: str = "bare"      # what that margin is read on: bare, the bare prompt (where
+    # efficacy is scored); prompts, the least over the prompts the values were optimised on
+    # (the bare one and its prefixed copies; never the paraphrases generalization scores)
     autocast: str | None = None   # bfloat16: the Adam steps' replays under torch.autocast
     # (the stream, the clamp and the written delta stay float32); auto: bfloat16 where the
     # device has native bfloat16 matmuls, else none
@@ -89,6 +92,8 @@ class ValueArgs:
             raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
         if self.stop_on not in ("total", "nll", "margin"):
             raise ValueError(f"values.stop_on must be total, nll or margin, got {self.stop_on!r}")
+        if self.rewrite_on not in ("bare", "prompts"):
+            raise ValueError(f"values.rewrite_on must be bare or prompts, got {self.rewrite_on!r}")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
             raise ValueError("values.autocast must be null, auto, bfloat16 or float16, "
                              f"got {self.autocast!r}")

@@ -180,22 +180,31 @@ def test_rls_writes_a_share_of_the_asked_change_set_by_its_regularisers(lam, mu,
 def test_edits_that_did_not_land_are_written_again():
     """`values.rewrite_below`: with a strong anchor one write leaves the edits short of the
     margin asked; their rows submitted again (weight 2) take them further. Off (None), the
-    step is what it was."""
-    from tasks.edit_step import bare_margins
+    step is what it was. `rewrite_on: prompts` reads the margin as the least over the
+    value optimisation's prompts, which is never above the bare prompt's."""
+    from tasks.edit_step import least_margins
     from tasks.models import load_model
 
     reqs = [request(), request("Mount Kelo", "Mount Kelo is in", "Peru", "Chile")]
     args = ValueArgs(steps=20, lr=2.0, stop_on="margin", margin=3.0)
     margins, outs = {}, {}
-    for rewrite_below in (None, 100.0):
+    for rewrite_below, rewrite_on in ((None, "bare"), (100.0, "bare"), (100.0, "prompts")):
         lm = load_model("tiny-llama")  # a private copy: this test edits weights
         editor = RLSEditor({1: lm.edit_weight(1)}, anchor_stats(lm, [1], read_corpus(CORPUS, 20)),
                            RLSArgs(lam=1.0, mu=2000.0))   # writes under 0.05 of it
-        outs[rewrite_below] = apply_edit_batch(
-            lm, editor, reqs, TEMPLATES, (1,), ValueArgs(**{**vars(args),
-                                                            "rewrite_below": rewrite_below}))
-        margins[rewrite_below] = bare_margins(lm, reqs)
+        outs[rewrite_below, rewrite_on] = apply_edit_batch(
+            lm, editor, reqs, TEMPLATES, (1,),
+            ValueArgs(**{**vars(args), "rewrite_below": rewrite_below, "rewrite_on": rewrite_on}))
+        margins[rewrite_below, rewrite_on] = least_margins(lm, reqs, ["{}"])
         assert editor.states[1].n_updates == (1 if rewrite_below is None else 2)
-    assert "rewritten" not in outs[None] and outs[100.0]["rewritten"] == len(reqs)
-    assert outs[100.0]["bare_margin_mean"] == pytest.approx(float(margins[None].mean()), abs=1e-4)
-    assert (margins[100.0] > margins[None]).all(), margins
+        if rewrite_below is None:
+            on_prompts = least_margins(lm, reqs, TEMPLATES)
+            each = torch.stack([least_margins(lm, reqs, [t]) for t in TEMPLATES], dim=1)
+            assert torch.allclose(on_prompts, each.min(dim=1).values, atol=1e-5)
+            assert (on_prompts <= margins[None, "bare"] + 1e-5).all()
+    once, twice = outs[None, "bare"], outs[100.0, "bare"]
+    assert "rewritten" not in once and twice["rewritten"] == len(reqs)
+    assert twice["bare_margin_mean"] == pytest.approx(float(margins[None, "bare"].mean()), abs=1e-4)
+    assert outs[100.0, "prompts"]["prompt_margin_mean"] == pytest.approx(
+        float(on_prompts.mean()), abs=1e-4)
+    assert (margins[100.0, "bare"] > margins[None, "bare"]).all(), margins
