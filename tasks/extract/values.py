@@ -77,8 +77,8 @@ class ValueArgs:
     margin: float = 2.0           # nats of mean-token log-probability, for stop_on: margin
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
-    rewrite_below: float | None = None  # after a batch is written, its edits whose bare
-    # prompt still prefers target_new by less than this (mean-token nats; efficacy: > 0)
+    rewrite_below: float | None = None  # after a batch is written, its edits whose prompt
+    # (`rewrite_on`) still prefers target_new by less than this (mean-token nats; efficacy: > 0)
     # have their key/value rows submitted once more, same targets (RLS: weight 2); None: never
     rewrite_on: str = "bare"      # what that margin is read on: bare, the bare prompt (where
     # efficacy is scored); prompts, the least over the prompts the values were optimised on
