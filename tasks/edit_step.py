@@ -19,7 +19,7 @@ from tasks.editors.base import Editor
 from tasks.evaluate.metrics import continuation_scores
 from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
-from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch
+from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch, template_prefix
 from tasks.extract.values import TargetValues, ValueArgs, compute_target_values
 from tasks.extract.write_space import projection_change, projection_outputs_at, rescaled_change
 from tasks.models import vocab_logits
@@ -94,11 +94,10 @@ def least_margins(lm, requests: list[EditRequest], templates: list[str]) -> torc
     before "{}") prefers target_new over ground_truth on the model as it is, the least over
     the templates: mean-token NLL of the truth minus that of the new target (efficacy
     scores the bare prompt's > 0)."""
-    prompts = [template[: template.index("{}")] + r.prompt
-               for r in requests for template in templates]            # edit-major
-    answers = [(r.target_new, r.ground_truth) for r in requests for _ in templates]
-    nll, _ = continuation_scores(lm, [(prompt, answer) for prompt, pair in zip(prompts, answers)
-                                      for answer in pair])
+    prefixes = [template_prefix(template) for template in templates]
+    nll, _ = continuation_scores(lm, [(prefix + r.prompt, answer)     # edit-major
+                                      for r in requests for prefix in prefixes
+                                      for answer in (r.target_new, r.ground_truth)])
     return (nll[1::2] - nll[0::2]).view(len(requests), len(templates)).min(dim=1).values
 
 

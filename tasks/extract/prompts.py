@@ -32,6 +32,11 @@ def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -
     return templates
 
 
+def template_prefix(template: str) -> str:
+    """What a context template puts before the prompt: "" for "{}", the prefix for "... {}"."""
+    return template[: template.index("{}")]
+
+
 def rewrite_batch(tokenizer, requests: list[EditRequest], templates: list[str],
                   answer: str = "target_new") -> tuple[TokenBatch, torch.Tensor]:
     """Every request's prompt under every template, followed by " target_new" (or by the
@@ -43,7 +48,7 @@ def rewrite_batch(tokenizer, requests: list[EditRequest], templates: list[str],
     texts, subject_ends, target_starts, groups = [], [], [], []
     for e, req in enumerate(requests):
         for template in templates:
-            prefix = template[: template.index("{}")]
+            prefix = template_prefix(template)
             texts.append(prefix + req.prompt + " " + getattr(req, answer))
             subject_ends.append(len(prefix) + req.subject_end)
             target_starts.append(len(prefix) + len(req.prompt))
