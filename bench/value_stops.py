@@ -8,7 +8,10 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
 - margin2: an edit stops once target_new beats ground_truth by 2 nats of mean-token
            log-probability on every prompt (the streams' default since, `tasks/stream.py`);
 - margin3: the same with 3 nats;
-- margin2-bf16: margin2 with the Adam steps' replays under bfloat16 autocast.
+- margin2-bf16: margin2 with the Adam steps' replays under bfloat16 autocast;
+- margin2-warm: margin2 with every delta starting at the mean of the variant's earlier
+           deltas (the first batch at zero);
+- margin2-lr1: margin2 with Adam's learning rate 1.0 (0.5 otherwise).
 The variants and batch sizes take turns on each round of edits (as many as the largest
 batch), so that load from other processes falls on all of them alike. What each costs in
 edit quality over a sequential stream is measured by the grid (docs/benchmarks.md,
@@ -20,6 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from bench.profile_values import value_parser, value_report, value_setup
 from tasks.extract.prompts import kl_batch, rewrite_batch
 from tasks.extract.values import ValueArgs, compute_target_values
@@ -27,7 +32,10 @@ from tasks.extract.values import ValueArgs, compute_target_values
 VARIANTS = {"nll": {"stop_on": "nll"},
             "margin2": {"stop_on": "margin", "margin": 2.0},
             "margin3": {"stop_on": "margin", "margin": 3.0},
-            "margin2-bf16": {"stop_on": "margin", "margin": 2.0, "autocast": "bfloat16"}}
+            "margin2-bf16": {"stop_on": "margin", "margin": 2.0, "autocast": "bfloat16"},
+            "margin2-warm": {"stop_on": "margin", "margin": 2.0},
+            "margin2-lr1": {"stop_on": "margin", "margin": 2.0, "lr": 1.0}}
+WARM_STARTED = {"margin2-warm"}   # deltas start at the mean of the variant's earlier ones
 
 
 @dataclass
@@ -38,8 +46,14 @@ class Tally:
     steps: float = 0.0
     stopped: float = 0.0
     delta_ratio: float = 0.0
+    delta_sum: torch.Tensor | None = None   # [d] Σδ over the edits so far
+
+    def mean_delta(self) -> torch.Tensor | None:
+        return None if self.delta_sum is None else self.delta_sum / self.edits
 
     def add(self, seconds: float, target) -> None:
+        total = target.delta.sum(0)
+        self.delta_sum = total if self.delta_sum is None else self.delta_sum + total
         self.seconds += seconds
         self.edits += len(target.steps)
         self.steps += float(target.steps.sum())
@@ -47,16 +61,19 @@ class Tally:
         self.delta_ratio += float(target.delta_ratio.sum())
 
 
-def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs, compute=compute_target_values):
+def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs, compute=compute_target_values,
+                   init: torch.Tensor | None = None):
     """(seconds, TargetValues) of one batch of requests, as `tasks/edit_step.py` runs it
-    (`compute`: compute_target_values or another version of it)."""
+    (`compute`: compute_target_values or another version of it; `init`: where the deltas
+    start, for compute_target_values)."""
     rewrite, groups = rewrite_batch(lm.tokenizer, chunk, templates)
     kl = kl_batch(lm.tokenizer, chunk)
     truth = None
     if args.stop_on == "margin":
         truth = rewrite_batch(lm.tokenizer, chunk, templates, "ground_truth")[0]
     tic = time.perf_counter()
-    target = compute(lm, layer, rewrite, groups, kl, args, truth)
+    target = compute(lm, layer, rewrite, groups, kl, args, truth,
+                     **({} if init is None else {"init": init}))
     return time.perf_counter() - tic, target
 
 
@@ -72,9 +89,11 @@ def measure(lm, layer, requests, templates, batch_sizes: list[int], variants: li
             for start in range(0, len(chunk_of_round), batch_size):
                 chunk = chunk_of_round[start:start + batch_size]
                 for name in variants:
-                    seconds, target = optimise_chunk(lm, layer, chunk, templates,
-                                                     replace(ValueArgs(), **VARIANTS[name]))
-                    tallies[batch_size][name].add(seconds, target)
+                    args, tally = replace(ValueArgs(), **VARIANTS[name]), tallies[batch_size][name]
+                    seconds, target = optimise_chunk(
+                        lm, layer, chunk, templates, args,
+                        init=tally.mean_delta() if name in WARM_STARTED else None)
+                    tally.add(seconds, target)
         print(f"{round_start + len(chunk_of_round)}/{len(requests)} edits: " + "; ".join(
             f"batch {b} {n} {t.seconds / t.edits:.2f} s/edit"
             for b, by_variant in tallies.items() for n, t in by_variant.items()), flush=True)

@@ -315,13 +315,15 @@ class LayerReplay:
 
 def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
                           kl: TokenBatch, args: ValueArgs,
-                          truth: TokenBatch | None = None) -> TargetValues:
+                          truth: TokenBatch | None = None,
+                          init: torch.Tensor | None = None) -> TargetValues:
     """Optimise one delta per edit at block `z_layer`'s edited projection.
 
     `rewrite` rows are prefixed prompts + target (edit of row b: `rewrite_groups[b]`, rows of
     one edit contiguous, the first row of each edit the bare prompt); `kl` has one
     "{subject} is a" row per edit; `truth` (needed by `stop_on: margin`) the rewrite rows
-    with ground_truth as the answer, row for row. Returns `TargetValues` over the E edits.
+    with ground_truth as the answer, row for row; `init` [d] where every delta starts (None:
+    zero; clamped like a step). Returns `TargetValues` over the E edits.
 
     Edits do not interact (own delta, own loss, element-wise Adam), so they are optimised
     in buckets of similar suffix length: a batch is only as wide as its longest suffix.
@@ -341,7 +343,7 @@ def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups:
         local = torch.searchsorted(edits, rewrite_groups[rows])   # edit ids -> 0..len(bucket)-1
         result.put(edits, _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
                                            kl.select(edits), args,
-                                           None if truth is None else truth.select(rows)))
+                                           None if truth is None else truth.select(rows), init))
     return result
 
 
@@ -469,7 +471,8 @@ class _DeltaLoss:
 
 def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
                      kl: TokenBatch, args: ValueArgs,
-                     truth: TokenBatch | None = None) -> TargetValues:
+                     truth: TokenBatch | None = None,
+                     init: torch.Tensor | None = None) -> TargetValues:
     """compute_target_values on one bucket (same arguments and result).
 
     The clamp and the decay measure δ against the space it lives in: the residual stream
@@ -493,7 +496,9 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     with args.precision(device):
         loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
 
-    delta = torch.zeros_like(ref, requires_grad=True)
+    delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
+    clamp_rows(delta, max_norm)
+    delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=args.lr)
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
     final_nll = torch.zeros(n_edits, device=device)
@@ -539,8 +544,12 @@ def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tens
     opt.step()
     with torch.no_grad():
         delta[~active] = frozen[~active]
-        scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
-        delta.mul_(scale[:, None])
+        clamp_rows(delta, max_norm)
+
+
+def clamp_rows(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale each row of δ [E, d] down, in place, to at most its `max_norm` [E]."""
+    delta.mul_((max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
 
 
 def _concat(parts: list[TokenBatch], width: int) -> TokenBatch:

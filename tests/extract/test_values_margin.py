@@ -21,12 +21,26 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-def optimise(lm, requests, args=MARGIN):
+def optimise(lm, requests, args=MARGIN, init=None):
     templates = make_context_templates(lm, 2, args.prefix_tokens, seed=0)
     rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
     truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0]
     return values.compute_target_values(lm, lm.spec.edit_layers[-1], rewrite, groups,
-                                        kl_batch(lm.tokenizer, requests), args, truth)
+                                        kl_batch(lm.tokenizer, requests), args, truth, init)
+
+
+def test_a_delta_started_where_the_stop_rule_holds_takes_no_step(smollm2):
+    """`init` (the warm start `bench.value_stops` measures) is where the delta starts: an
+    edit started at its own optimised delta stops before any step and keeps that delta."""
+    torch.manual_seed(0)
+    requests = load_requests(EDIT_DATA, limit=1)
+    args = dataclasses.replace(MARGIN, steps=25)
+    cold = optimise(smollm2, requests, args)
+    assert cold.converged.item() == 1 and cold.steps.item() > 0
+    warm = optimise(smollm2, requests, args, init=cold.delta[0])
+    assert warm.steps.item() == 0 and warm.converged.item() == 1
+    torch.testing.assert_close(warm.delta, cold.delta)
+    torch.testing.assert_close(warm.margin, cold.margin, atol=1e-4, rtol=1e-5)
 
 
 def test_one_token_truths_score_as_their_own_replay(smollm2, monkeypatch):
