@@ -29,9 +29,12 @@ def test_tally_sums_over_batches():
     import torch
     from types import SimpleNamespace
     tally = value_stops.Tally()
-    for steps in ([3, 5], [25]):
+    assert tally.mean_delta() is None          # a warm start's first batch starts at zero
+    for steps, delta in (([3, 5], [[1.0, 0.0], [3.0, 0.0]]), ([25], [[2.0, 6.0]])):
         n = len(steps)
         tally.add(2.0, SimpleNamespace(steps=torch.tensor(steps), converged=torch.ones(n),
-                                       delta_ratio=torch.full((n,), 0.5)))
+                                       delta_ratio=torch.full((n,), 0.5),
+                                       delta=torch.tensor(delta)))
     assert (tally.seconds, tally.edits, tally.steps, tally.stopped) == (4.0, 3, 33.0, 3.0)
     assert tally.delta_ratio == 1.5
+    assert torch.equal(tally.mean_delta(), torch.tensor([2.0, 2.0]))
