@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bench.docs import publish
 from tasks.data import load_requests
-from tasks.extract.keys import compute_keys
+from tasks.extract.keys import compute_keys, mix_keys
 from tasks.extract.prompts import make_context_templates, rewrite_batch
 from tasks.extract.tokens import build_batch
 from tasks.models import load_model
@@ -54,7 +54,7 @@ def key_cosines(lm, layer: int, requests, templates: list[str],
         part = requests[start:start + chunk]
         batch, groups = rewrite_batch(lm.tokenizer, part, templates)
         rows, edit_of_row = compute_keys(lm, layer, batch, groups, len(part), "rows")
-        mixed, _ = compute_keys(lm, layer, batch, groups, len(part), "bare_half")
+        mixed, _ = mix_keys(rows, edit_of_row, len(part), "bare_half")
         texts = [r.rephrase_prompts[0] for r in part]
         ends = [t.find(r.subject) + len(r.subject) for t, r in zip(texts, part)]
         reph, _ = compute_keys(lm, layer, build_batch(lm.tokenizer, texts, ends),

@@ -54,6 +54,13 @@ def compute_keys(lm, layer: int, batch: TokenBatch, groups: torch.Tensor,
         run_until(lm.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   use_cache=False)
     rows = seen["value"][torch.arange(len(batch.lookup)), batch.lookup]  # [B, d_k]
+    return mix_keys(rows, groups, n_edits, mode)
+
+
+def mix_keys(rows: torch.Tensor, groups: torch.Tensor, n_edits: int,
+             mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """compute_keys' rows: per-prompt keys `rows` [B, d_k] of edits `groups` [B] (the bare
+    prompt first in each edit) as `mode` makes them -> (keys [R, d_k], edit of each row [R])."""
     if mode == "rows":
         return rows, groups
     edits = torch.arange(n_edits, device=groups.device)
