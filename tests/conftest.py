@@ -28,6 +28,17 @@ def isolated_stores(tmp_path_factory):
     yield root
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_as_found():
+    """Each test leaves torch's thread count as it found it: bench scripts called in-process
+    set their own, and a float64 reduction's last bit depends on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def s3_folder():
     """A real S3-compatible server (moto) on 127.0.0.1 with the bucket TEST_BUCKET:

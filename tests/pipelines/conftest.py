@@ -59,11 +59,25 @@ def stream_args(out):
             "--set", "values.n_prefixes=1", "--set", "fluency_samples=0"]
 
 
+def fresh_process_threads() -> int:
+    """The torch thread count a new Python process starts with here: what the killed and
+    the resuming drivers run at."""
+    code = "import torch; print(torch.get_num_threads())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 @pytest.fixture(scope="session")
 def straight_stream(tmp_path_factory):
-    """The summary and output folder of the `stream_args` stream run without a break."""
+    """The summary and output folder of the `stream_args` stream run without a break, at
+    the thread count of the drivers it is compared with (whatever an earlier test left)."""
     out = tmp_path_factory.mktemp("straight-stream")
-    return run_stream(stream_config(stream_args(out))), out
+    before = torch.get_num_threads()
+    torch.set_num_threads(fresh_process_threads())
+    try:
+        return run_stream(stream_config(stream_args(out))), out
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_stream_matches(summary: dict, out, straight_stream) -> None:
