@@ -40,10 +40,8 @@ def golden_args(name: str, out) -> list[str]:
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
+    """The golden runs' thread count; `torch_threads_as_found` puts it back after."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_golden(name: str, weights_file) -> None:
