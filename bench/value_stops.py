@@ -11,7 +11,9 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
 - margin2-bf16: margin2 with the Adam steps' replays under bfloat16 autocast;
 - margin2-warm: margin2 with every delta starting at the mean of the variant's earlier
            deltas (the first batch at zero);
-- margin2-lr1: margin2 with Adam's learning rate 1.0 (0.5 otherwise).
+- margin2-lr1: margin2 with Adam's learning rate 1.0 (0.5 otherwise);
+- margin2-land, margin2-lr1-land: those two with `values.overshoot: interpolate`, each
+           delta moved back along its last step to where the margin meets 2 nats.
 The variants and batch sizes take turns on each round of edits (as many as the largest
 batch), so that load from other processes falls on all of them alike. What each costs in
 edit quality over a sequential stream is measured by the grid (docs/benchmarks.md,
@@ -34,18 +36,25 @@ VARIANTS = {"nll": {"stop_on": "nll"},
             "margin3": {"stop_on": "margin", "margin": 3.0},
             "margin2-bf16": {"stop_on": "margin", "margin": 2.0, "autocast": "bfloat16"},
             "margin2-warm": {"stop_on": "margin", "margin": 2.0},
-            "margin2-lr1": {"stop_on": "margin", "margin": 2.0, "lr": 1.0}}
+            "margin2-lr1": {"stop_on": "margin", "margin": 2.0, "lr": 1.0},
+            "margin2-land": {"stop_on": "margin", "margin": 2.0, "overshoot": "interpolate"},
+            "margin2-lr1-land": {"stop_on": "margin", "margin": 2.0, "lr": 1.0,
+                                 "overshoot": "interpolate"}}
 WARM_STARTED = {"margin2-warm"}   # deltas start at the mean of the variant's earlier ones
 
 
 @dataclass
 class Tally:
-    """Seconds, edits, Adam steps, edits the stop rule ended and Σ‖δ‖/‖z‖ of one variant."""
+    """Seconds, edits, Adam steps, edits the stop rule ended, Σ‖δ‖/‖z‖ and the final
+    margins (sum, count scored, count under 1 nat) of one variant."""
     seconds: float = 0.0
     edits: int = 0
     steps: float = 0.0
     stopped: float = 0.0
     delta_ratio: float = 0.0
+    margin: float = 0.0
+    margins: int = 0
+    under_1: int = 0
     delta_sum: torch.Tensor | None = None   # [d] Σδ over the edits so far
 
     def mean_delta(self) -> torch.Tensor | None:
@@ -59,6 +68,16 @@ class Tally:
         self.steps += float(target.steps.sum())
         self.stopped += float(target.converged.sum())
         self.delta_ratio += float(target.delta_ratio.sum())
+        scored = target.margin[~target.margin.isnan()]
+        self.margin += float(scored.sum())
+        self.margins += len(scored)
+        self.under_1 += int((scored < 1).sum())
+
+    def margin_cells(self) -> str:
+        """'mean final margin | share under 1 nat' (blank where no margin was scored)."""
+        if not self.margins:
+            return " | "
+        return f"{self.margin / self.margins:.2f} | {self.under_1 / self.margins:.2f}"
 
 
 def optimise_chunk(lm, layer, chunk, templates, args: ValueArgs, compute=compute_target_values,
@@ -106,13 +125,14 @@ def table(results: dict) -> str:
     base = first["nll"] if "nll" in first else next(iter(first.values()))
     base_rate = base.seconds / base.edits
     lines = ["| batch | stop | s per edit | speed-up | Adam steps per edit | stopped by the rule "
-             "| mean ‖δ‖/‖z‖ |", "|---|---|---|---|---|---|---|"]
+             "| mean ‖δ‖/‖z‖ | mean final margin (nats) | margin under 1 nat |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for batch_size, tallies in results.items():
         for name, t in tallies.items():
             rate = t.seconds / t.edits
             lines.append(f"| {batch_size} | {name} | {rate:.2f} | {base_rate / rate:.2f}x "
                          f"| {t.steps / t.edits:.1f} | {t.stopped / t.edits:.2f} "
-                         f"| {t.delta_ratio / t.edits:.2f} |")
+                         f"| {t.delta_ratio / t.edits:.2f} | {t.margin_cells()} |")
     return "\n".join(lines)
 
 

@@ -75,6 +75,9 @@ class ValueArgs:
                                   # margin: target_new beats ground_truth by `margin` on
                                   # every prompt (what efficacy scores), early_stop unused
     margin: float = 2.0           # nats of mean-token log-probability, for stop_on: margin
+    overshoot: str = "keep"       # the step that meets the margin stop overshoots it: keep,
+    # write that step's delta; interpolate, move the delta back along that step to where the
+    # margin, linear between the step's two ends, meets `margin` (its margin then re-scored)
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
     rewrite_below: float | None = None  # after a batch is written, its edits whose prompt
@@ -92,6 +95,10 @@ class ValueArgs:
             raise ValueError(f"values.decay_form must be memit or squared, got {self.decay_form!r}")
         if self.stop_on not in ("total", "nll", "margin"):
             raise ValueError(f"values.stop_on must be total, nll or margin, got {self.stop_on!r}")
+        if self.overshoot not in ("keep", "interpolate"):
+            raise ValueError(f"values.overshoot must be keep or interpolate, got {self.overshoot!r}")
+        if self.overshoot == "interpolate" and self.stop_on != "margin":
+            raise ValueError("values.overshoot: interpolate needs values.stop_on: margin")
         if self.rewrite_on not in ("bare", "prompts"):
             raise ValueError(f"values.rewrite_on must be bare or prompts, got {self.rewrite_on!r}")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
@@ -504,18 +511,33 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     final_nll = torch.zeros(n_edits, device=device)
     final_margin = torch.full((n_edits,), float("nan"), device=device)
     steps = torch.zeros(n_edits, device=device)
+    landed = torch.zeros(n_edits, dtype=torch.bool, device=device)
+    landing = torch.zeros_like(ref)        # where the `landed` rows end (overshoot: interpolate)
+    before = None                          # (δ, margin) where the last step started
     for step in range(args.steps + 1):     # the last pass only scores the last step
         with args.precision(device):
             loss, nll, margin = loss_of(delta, active)
         final_nll[active] = nll.detach()[active].to(final_nll.dtype)
         if margin is not None:
             final_margin[active] = margin[active].to(final_margin.dtype)
-        active = _still_running(args, active, loss, nll, margin)
+        running = _still_running(args, active, loss, nll, margin)
+        if args.overshoot == "interpolate" and before is not None:
+            landed |= _land_on_margin(landing, delta.detach(), *before, margin,
+                                      active & ~running, args.margin)
+        active = running
         if not active.any() or step == args.steps:
             break
         steps += active
+        if args.overshoot == "interpolate":
+            before = (delta.detach().clone(), margin.detach())
         _adam_step(opt, delta, loss, active, max_norm)
     delta = delta.detach()
+    if landed.any():   # written where they landed, and scored there, not at the step's end
+        delta[landed] = landing[landed]
+        with torch.no_grad(), args.precision(device):
+            _, nll, margin = loss_of(delta, landed)
+        final_nll[landed] = nll[landed].to(final_nll.dtype)
+        final_margin[landed] = margin[landed].to(final_margin.dtype)
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
@@ -532,6 +554,19 @@ def _still_running(args: ValueArgs, active: torch.Tensor, loss: torch.Tensor,
         return active & ~(margin >= args.margin)
     stop_value = loss if args.stop_on == "total" else nll
     return active & ~(stop_value.detach() < args.early_stop)
+
+
+def _land_on_margin(landing: torch.Tensor, end: torch.Tensor, start: torch.Tensor,
+                    start_margin: torch.Tensor, end_margin: torch.Tensor,
+                    stopped: torch.Tensor, wanted: float) -> torch.Tensor:
+    """For the rows the last step took from δ `start` [E, d] (margin `start_margin` [E],
+    below `wanted`) to `end` past it, write into `landing` [E, d] the point start +
+    t (end − start) where the margin, linear in t, meets `wanted`. Both ends lie in the
+    clamp's ball, so the landing does too. Returns [E] bool, the rows written."""
+    moved = stopped & (end_margin > start_margin)
+    t = ((wanted - start_margin) / (end_margin - start_margin)).clamp(0, 1).to(end.dtype)
+    landing[moved] = start[moved] + t[moved, None] * (end[moved] - start[moved])
+    return moved
 
 
 def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,

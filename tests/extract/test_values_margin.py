@@ -84,3 +84,24 @@ def test_bfloat16_replays_find_the_float32_deltas(smollm2):
 def test_unknown_autocast_dtype_is_refused():
     with pytest.raises(ValueError, match="values.autocast"):
         values.ValueArgs(autocast="int8")
+
+
+def test_an_overshooting_step_lands_back_on_the_margin(smollm2):
+    """`values.overshoot: interpolate` takes the same Adam steps and then moves each delta
+    back along its last step: shorter, written at a margin nearer 2 nats than the step's end
+    (re-scored, not the interpolation's guess), and never under the 1 nat the second write
+    checks on these edits."""
+    torch.manual_seed(0)
+    requests = load_requests(EDIT_DATA, limit=4)
+    args = dataclasses.replace(MARGIN, steps=25)
+    kept = optimise(smollm2, requests, args)
+    landed = optimise(smollm2, requests, dataclasses.replace(args, overshoot="interpolate"))
+    assert torch.equal(kept.steps, landed.steps) and (kept.steps > 0).all()
+    assert (landed.delta.norm(dim=1) < kept.delta.norm(dim=1)).all()
+    assert (landed.margin < kept.margin).all() and (landed.margin > 1.0).all()
+    assert ((landed.margin - 2).abs() < (kept.margin - 2).abs()).all(), (landed.margin, kept.margin)
+
+
+def test_landing_on_the_margin_needs_the_margin_stop():
+    with pytest.raises(ValueError, match="overshoot"):
+        values.ValueArgs(stop_on="nll", overshoot="interpolate")
