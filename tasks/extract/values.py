@@ -505,6 +505,22 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
 
     delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
     clamp_rows(delta, max_norm)
+    delta, nll, margin, steps, converged = _run_adam(loss_of, delta, max_norm, args)
+    with torch.no_grad():
+        change = stream_change(replay.post_norm, replay.projection[first_row], delta)
+    return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
+                        stream_init=stream_init, nll=nll,
+                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps,
+                        margin=margin, converged=converged)
+
+
+def _run_adam(loss_of: _DeltaLoss, delta: torch.Tensor, max_norm: torch.Tensor,
+              args: ValueArgs) -> tuple[torch.Tensor, ...]:
+    """Adam on the deltas [E, d] from where they are until each edit meets the stop rule or
+    the steps run out. Returns the written deltas [E, d] (with `overshoot: interpolate`, moved
+    back along their last step) and, per edit [E], the target NLL and margin they score, the
+    steps taken and 1 where the stop rule ended the edit (0 where the steps ran out)."""
+    n_edits, device = delta.shape[0], delta.device
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=args.lr)
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
@@ -512,7 +528,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
     final_margin = torch.full((n_edits,), float("nan"), device=device)
     steps = torch.zeros(n_edits, device=device)
     landed = torch.zeros(n_edits, dtype=torch.bool, device=device)
-    landing = torch.zeros_like(ref)        # where the `landed` rows end (overshoot: interpolate)
+    landing = torch.zeros_like(delta.detach())   # where the `landed` rows end
     before = None                          # (δ, margin) where the last step started
     for step in range(args.steps + 1):     # the last pass only scores the last step
         with args.precision(device):
@@ -521,7 +537,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         if margin is not None:
             final_margin[active] = margin[active].to(final_margin.dtype)
         running = _still_running(args, active, loss, nll, margin)
-        if args.overshoot == "interpolate" and before is not None:
+        if before is not None:
             landed |= _land_on_margin(landing, delta.detach(), *before, margin,
                                       active & ~running, args.margin)
         active = running
@@ -538,12 +554,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
             _, nll, margin = loss_of(delta, landed)
         final_nll[landed] = nll[landed].to(final_nll.dtype)
         final_margin[landed] = margin[landed].to(final_margin.dtype)
-    with torch.no_grad():
-        change = stream_change(replay.post_norm, replay.projection[first_row], delta)
-    return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
-                        stream_init=stream_init, nll=final_nll,
-                        delta_ratio=delta.norm(dim=1) / ref.norm(dim=1), steps=steps,
-                        margin=final_margin, converged=(~active).to(steps.dtype))
+    return delta, final_nll, final_margin, steps, (~active).to(steps.dtype)
 
 
 def _still_running(args: ValueArgs, active: torch.Tensor, loss: torch.Tensor,
