@@ -30,11 +30,15 @@ def test_tally_sums_over_batches():
     from types import SimpleNamespace
     tally = value_stops.Tally()
     assert tally.mean_delta() is None          # a warm start's first batch starts at zero
-    for steps, delta in (([3, 5], [[1.0, 0.0], [3.0, 0.0]]), ([25], [[2.0, 6.0]])):
+    assert tally.margin_cells() == " | "    # no margin scored yet: blank cells
+    for steps, delta, margin in (([3, 5], [[1.0, 0.0], [3.0, 0.0]], [2.5, 0.5]),
+                                 ([25], [[2.0, 6.0]], [float("nan")])):
         n = len(steps)
         tally.add(2.0, SimpleNamespace(steps=torch.tensor(steps), converged=torch.ones(n),
                                        delta_ratio=torch.full((n,), 0.5),
-                                       delta=torch.tensor(delta)))
+                                       delta=torch.tensor(delta), margin=torch.tensor(margin)))
     assert (tally.seconds, tally.edits, tally.steps, tally.stopped) == (4.0, 3, 33.0, 3.0)
     assert tally.delta_ratio == 1.5
     assert torch.equal(tally.mean_delta(), torch.tensor([2.0, 2.0]))
+    assert (tally.margin, tally.margins, tally.under_1) == (3.0, 2, 1)   # NaN: not scored
+    assert tally.margin_cells() == "1.50 | 0.50"
