@@ -573,11 +573,12 @@ def _land_on_margin(landing: torch.Tensor, end: torch.Tensor, start: torch.Tenso
     """For the rows the last step took from δ `start` [E, d] (margin `start_margin` [E],
     below `wanted`) to `end` past it, write into `landing` [E, d] the point start +
     t (end − start) where the margin, linear in t, meets `wanted`. Both ends lie in the
-    clamp's ball, so the landing does too. Returns [E] bool, the rows written."""
-    moved = stopped & (end_margin > start_margin)
-    t = ((wanted - start_margin) / (end_margin - start_margin)).clamp(0, 1).to(end.dtype)
-    landing[moved] = start[moved] + t[moved, None] * (end[moved] - start[moved])
-    return moved
+    clamp's ball, so the landing does too. A stopped row was still running where the step
+    started, so end_margin ≥ wanted > start_margin there. Returns `stopped`, the rows written."""
+    gap = end_margin[stopped] - start_margin[stopped]
+    t = ((wanted - start_margin[stopped]) / gap).clamp(0, 1).to(end.dtype)
+    landing[stopped] = start[stopped] + t[:, None] * (end[stopped] - start[stopped])
+    return stopped
 
 
 def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,
