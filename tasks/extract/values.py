@@ -80,6 +80,10 @@ class ValueArgs:
     # margin, linear between the step's two ends, meets `margin` (its margin then re-scored)
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+    optimizer: str = "adam"       # adam; ngd, normalized gradient descent: each edit's δ moves
+    # `ngd_step` × ‖reference‖ against its own gradient per step (the steepest descent in
+    # ‖δ‖, where Adam's first steps move every coordinate alike)
+    ngd_step: float = 0.05
     rewrite_below: float | None = None  # after a batch is written, its edits whose prompt
     # (`rewrite_on`) still prefers target_new by less than this (mean-token nats; efficacy: > 0)
     # have their key/value rows submitted once more, same targets (RLS: weight 2); None: never
@@ -99,6 +103,8 @@ class ValueArgs:
             raise ValueError(f"values.overshoot must be keep or interpolate, got {self.overshoot!r}")
         if self.overshoot == "interpolate" and self.stop_on != "margin":
             raise ValueError("values.overshoot: interpolate needs values.stop_on: margin")
+        if self.optimizer not in ("adam", "ngd"):
+            raise ValueError(f"values.optimizer must be adam or ngd, got {self.optimizer!r}")
         if self.rewrite_on not in ("bare", "prompts"):
             raise ValueError(f"values.rewrite_on must be bare or prompts, got {self.rewrite_on!r}")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
@@ -505,7 +511,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
 
     delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
     clamp_rows(delta, max_norm)
-    delta, nll, margin, steps, converged = _run_adam(loss_of, delta, max_norm, args)
+    delta, nll, margin, steps, converged = _run_adam(loss_of, delta, ref.norm(dim=1), args)
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
@@ -514,15 +520,18 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
                         margin=margin, converged=converged)
 
 
-def _run_adam(loss_of: _DeltaLoss, delta: torch.Tensor, max_norm: torch.Tensor,
+def _run_adam(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
               args: ValueArgs) -> tuple[torch.Tensor, ...]:
-    """Adam on the deltas [E, d] from where they are until each edit meets the stop rule or
-    the steps run out. Returns the written deltas [E, d] (with `overshoot: interpolate`, moved
+    """Adam (or `args.optimizer`) on the deltas [E, d] from where they are until each edit
+    meets the stop rule or the steps run out; `ref_norm` [E] is ‖reference‖ (the clamp's
+    and the normalized step's unit). Returns the written deltas [E, d] (with `overshoot: interpolate`, moved
     back along their last step) and, per edit [E], the target NLL and margin they score, the
     steps taken and 1 where the stop rule ended the edit (0 where the steps ran out)."""
     n_edits, device = delta.shape[0], delta.device
     delta.requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=args.lr)
+    max_norm = args.clamp_norm_factor * ref_norm
+    opt = (torch.optim.Adam([delta], lr=args.lr) if args.optimizer == "adam"
+           else NormalizedGradient(delta, args.ngd_step * ref_norm))
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
     final_nll = torch.zeros(n_edits, device=device)
     final_margin = torch.full((n_edits,), float("nan"), device=device)
@@ -592,6 +601,23 @@ def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tens
     with torch.no_grad():
         delta[~active] = frozen[~active]
         clamp_rows(delta, max_norm)
+
+
+class NormalizedGradient:
+    """Steepest descent in ‖δ‖ per edit: row e of δ [E, d] moves `step[e]` against its own
+    gradient's direction (`zero_grad`/`step` as a torch optimizer's)."""
+
+    def __init__(self, delta: torch.Tensor, step: torch.Tensor):
+        self.delta, self.step_len = delta, step   # step [E]
+
+    def zero_grad(self) -> None:
+        self.delta.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.delta.grad
+        unit = grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        self.delta.sub_(self.step_len[:, None].to(grad.dtype) * unit)
 
 
 def clamp_rows(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
