@@ -136,16 +136,18 @@ def table(cells: dict[str, dict]) -> str:
 
 
 def curve_label(summary: dict) -> str:
-    """The trade-off plot's line of a cell: its editor kind, and its edit layers when the
-    cell has more than one ("rls L2-6")."""
+    """The trade-off plot's line of a cell: its editor kind, its edit layers when the cell
+    has more than one, and its value optimizer when not Adam ("rls L2-6 ngd")."""
     kind = summary["editor_settings"]["kind"]
     layers = summary.get("edit_layers") or []
-    return kind if len(layers) < 2 else f"{kind} L{layers[0]}-{layers[-1]}"
+    label = kind if len(layers) < 2 else f"{kind} L{layers[0]}-{layers[-1]}"
+    optimizer = summary.get("config", {}).get("values", {}).get("optimizer", "adam")
+    return label if optimizer == "adam" else f"{label} {optimizer}"
 
 
-def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
-    """Efficacy against held-out perplexity, one line per editor kind (and edit layers)
-    through its settings in order of perplexity."""
+def plot_tradeoff(cells: dict[str, dict], path: str, metric: str = "efficacy") -> Path:
+    """`metric` (efficacy, generalization, ...) against held-out perplexity, one line per
+    `curve_label` through its settings in order of perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +159,7 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
         kind = s["editor_settings"]["kind"]
         setting = s["editor_settings"].get(SETTING_KEY.get(kind, ""), None)
         kinds.setdefault(curve_label(s), []).append((setting or 0.0, s["final"].get("perplexity"),
-                                                     s["final"]["efficacy"], name))
+                                                     s["final"][metric], name))
     for kind, points in sorted(kinds.items()):
         points = sorted((p for p in points if p[1] is not None), key=lambda p: p[1])
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=kind)
@@ -169,7 +171,7 @@ def plot_tradeoff(cells: dict[str, dict], path: str) -> Path:
     ax.axvline(1.1 * base["perplexity"], color="grey", linestyle=":", linewidth=1,
                label="unedited + 10% (issue 13's bound)")
     ax.set_xlabel("held-out token perplexity (lower is better)")
-    ax.set_ylabel("efficacy")
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -179,6 +181,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid-dir", nargs="+", required=True)
     parser.add_argument("--plot", help="write the trade-off plot to this PNG")
+    parser.add_argument("--plot-metric", default="efficacy", choices=SHARES,
+                        help="the plot's vertical axis")
     parser.add_argument("--heading", default="Fidelity sweep")
     parser.add_argument("--append", action="store_true", help="append to docs/benchmarks.md")
     parser.add_argument("--skip", nargs="+", default=[], metavar="TEXT",
@@ -194,8 +198,8 @@ def main(argv=None) -> None:
     if args.plot:
         shown = Path(args.plot)
         shown = shown.relative_to("docs") if shown.is_relative_to("docs") else shown.resolve()
-        body += f"\n\n![efficacy against held-out perplexity]({shown})"
-        plot_tradeoff(cells, args.plot)
+        body += f"\n\n![{args.plot_metric} against held-out perplexity]({shown})"
+        plot_tradeoff(cells, args.plot, args.plot_metric)
     publish(body, args.append, args.heading, "bench.sweep_report", argv)
 
 
