@@ -55,3 +55,15 @@ def test_pairs_across_grid_folders(tmp_path):
     assert rows.splitlines()[-1].split("|")[2].strip().endswith("*")   # 30 of 100 edits differ
     with pytest.raises(SystemExit, match="matches 2 cells"):
         paired_rows(cells, [["rls", "grid-b"]])
+
+
+def test_a_curve_per_value_optimizer_and_a_chosen_vertical_axis(tmp_path):
+    ngd = summary("rls", {"mu": 1300}, [2, 3, 4, 5, 6], 0.99, 80.0)
+    ngd["config"]["values"] = {"optimizer": "ngd"}
+    ngd["final"]["generalization"] = 0.84
+    adam = summary("rls", {"mu": 1300}, [2, 3, 4, 5, 6], 0.99, 81.0)
+    adam["config"]["values"] = {"optimizer": "adam"}
+    adam["final"]["generalization"] = 0.83
+    cells = read_cells([write_grid(tmp_path, {"m-a-s0": adam, "m-n-s0": ngd})])
+    assert [curve_label(s) for s in cells.values()] == ["rls L2-6", "rls L2-6 ngd"]
+    assert plot_tradeoff(cells, str(tmp_path / "gen.png"), "generalization").stat().st_size > 0
