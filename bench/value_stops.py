@@ -56,8 +56,8 @@ WARM_STARTED = {"margin2-warm"}   # deltas start at the mean of the variant's ea
 
 @dataclass
 class Tally:
-    """Seconds, edits, Adam steps, edits the stop rule ended, Σ‖δ‖/‖z‖ and the final
-    margins (sum, count scored, count under 1 nat) of one variant."""
+    """Seconds, edits, Adam steps, edits the stop rule ended, Σ‖δ‖/‖z‖, the final margins
+    (sum, count scored, count under 1 nat) and Σδ/‖δ‖ of one variant."""
     seconds: float = 0.0
     edits: int = 0
     steps: float = 0.0
@@ -67,13 +67,21 @@ class Tally:
     margins: int = 0
     under_1: int = 0
     delta_sum: torch.Tensor | None = None   # [d] Σδ over the edits so far
+    unit_sum: torch.Tensor | None = None    # [d] Σδ/‖δ‖ over the edits so far
 
     def mean_delta(self) -> torch.Tensor | None:
         return None if self.delta_sum is None else self.delta_sum / self.edits
 
+    def coherence(self) -> float:
+        """‖mean of δ/‖δ‖‖ over the edits: 1 when every delta points one way, about
+        1/√edits for independent random directions."""
+        return float(self.unit_sum.norm()) / self.edits
+
     def add(self, seconds: float, target) -> None:
         total = target.delta.sum(0)
         self.delta_sum = total if self.delta_sum is None else self.delta_sum + total
+        units = (target.delta / target.delta.norm(dim=1, keepdim=True).clamp(min=1e-12)).sum(0)
+        self.unit_sum = units if self.unit_sum is None else self.unit_sum + units
         self.seconds += seconds
         self.edits += len(target.steps)
         self.steps += float(target.steps.sum())
@@ -136,14 +144,14 @@ def table(results: dict) -> str:
     base = first["nll"] if "nll" in first else next(iter(first.values()))
     base_rate = base.seconds / base.edits
     lines = ["| batch | stop | s per edit | speed-up | Adam steps per edit | stopped by the rule "
-             "| mean ‖δ‖/‖z‖ | mean final margin (nats) | margin under 1 nat |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| mean ‖δ‖/‖z‖ | mean final margin (nats) | margin under 1 nat | ‖mean δ/‖δ‖‖ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for batch_size, tallies in results.items():
         for name, t in tallies.items():
             rate = t.seconds / t.edits
             lines.append(f"| {batch_size} | {name} | {rate:.2f} | {base_rate / rate:.2f}x "
                          f"| {t.steps / t.edits:.1f} | {t.stopped / t.edits:.2f} "
-                         f"| {t.delta_ratio / t.edits:.2f} | {t.margin_cells()} |")
+                         f"| {t.delta_ratio / t.edits:.2f} | {t.margin_cells()} | {t.coherence():.3f} |")
     return "\n".join(lines)
 
 
