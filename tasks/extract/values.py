@@ -1,10 +1,10 @@
 """Target values: the residual-stream vector z that makes the model say `target_new`.
 
 As in MEMIT's `compute_z`: one delta per edit acts at block `z_layer` at the subject's
-last token of every prefixed prompt, and is optimised with Adam so that the prompts
-continue with `target_new`, with a KL term that keeps the distribution after
-"{subject} is a", a weight decay on the delta and a norm clamp; an edit stops once its loss
-is small. The delta lives at the output of the block's edited projection, the space the
+last token of every prefixed prompt, and is optimised with Adam (or, with `optimizer: ngd`,
+normalized gradient descent) so that the prompts continue with `target_new`, with a KL
+term that keeps the distribution after "{subject} is a", a weight decay on the delta and a
+norm clamp; an edit stops once its loss is small. The delta lives at the output of the block's edited projection, the space the
 editor writes (`write_space.py`): on Llama-style blocks that is the residual stream itself,
 on Gemma-2/3 it passes through the post-MLP norm before it reaches the stream.
 
@@ -83,7 +83,8 @@ class ValueArgs:
     optimizer: str = "adam"       # adam; ngd, normalized gradient descent: each edit's δ moves
     # `ngd_step` × ‖reference‖ against its own gradient per step (the steepest descent in
     # ‖δ‖, where Adam's first steps move every coordinate alike)
-    ngd_step: float = 0.05
+    ngd_step: float = 0.10        # 0.10 with a 3-nat margin: Adam's perplexity at 1,000 edits
+    # with +2.9 points of generalization (docs/benchmarks.md)
     rewrite_below: float | None = None  # after a batch is written, its edits whose prompt
     # (`rewrite_on`) still prefers target_new by less than this (mean-token nats; efficacy: > 0)
     # have their key/value rows submitted once more, same targets (RLS: weight 2); None: never
@@ -511,7 +512,7 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
 
     delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
     clamp_rows(delta, max_norm)
-    delta, nll, margin, steps, converged = _run_adam(loss_of, delta, ref.norm(dim=1), args)
+    delta, nll, margin, steps, converged = _run_steps(loss_of, delta, ref.norm(dim=1), args)
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
@@ -520,13 +521,14 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
                         margin=margin, converged=converged)
 
 
-def _run_adam(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
+def _run_steps(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
               args: ValueArgs) -> tuple[torch.Tensor, ...]:
-    """Adam (or `args.optimizer`) on the deltas [E, d] from where they are until each edit
-    meets the stop rule or the steps run out; `ref_norm` [E] is ‖reference‖ (the clamp's
-    and the normalized step's unit). Returns the written deltas [E, d] (with `overshoot: interpolate`, moved
-    back along their last step) and, per edit [E], the target NLL and margin they score, the
-    steps taken and 1 where the stop rule ended the edit (0 where the steps ran out)."""
+    """`args.optimizer` (Adam or normalized gradient descent) on the deltas [E, d] from where
+    they are until each edit meets the stop rule or the steps run out; `ref_norm` [E] is
+    ‖reference‖, the unit of the clamp and of the normalized step. Returns the written
+    deltas [E, d] (with `overshoot: interpolate`, moved back along their last step) and, per
+    edit [E], the target NLL and margin they score, the steps taken and 1 where the stop rule
+    ended the edit (0 where the steps ran out)."""
     n_edits, device = delta.shape[0], delta.device
     delta.requires_grad_(True)
     max_norm = args.clamp_norm_factor * ref_norm
@@ -555,7 +557,7 @@ def _run_adam(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
         steps += active
         if args.overshoot == "interpolate":
             before = (delta.detach().clone(), margin.detach())
-        _adam_step(opt, delta, loss, active, max_norm)
+        _take_step(opt, delta, loss, active, max_norm)
     delta = delta.detach()
     if landed.any():   # written where they landed, and scored there, not at the step's end
         delta[landed] = landing[landed]
@@ -590,9 +592,9 @@ def _land_on_margin(landing: torch.Tensor, end: torch.Tensor, start: torch.Tenso
     return stopped
 
 
-def _adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,
+def _take_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,
                active: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """One Adam step on the rows of δ [E, d] still `active`; the stopped rows keep their
+    """One step of `opt` on the rows of δ [E, d] still `active`; the stopped rows keep their
     value (Adam's moments would move them); every row is then clamped to `max_norm` [E]."""
     frozen = delta.detach().clone()
     opt.zero_grad()
