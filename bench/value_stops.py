@@ -144,14 +144,16 @@ def table(results: dict) -> str:
     base = first["nll"] if "nll" in first else next(iter(first.values()))
     base_rate = base.seconds / base.edits
     lines = ["| batch | stop | s per edit | speed-up | Adam steps per edit | stopped by the rule "
-             "| mean ‖δ‖/‖z‖ | mean final margin (nats) | margin under 1 nat | ‖mean δ/‖δ‖‖ |",
+             "| mean ‖δ‖/‖z‖ | mean final margin (nats) | margin under 1 nat "
+             "| ‖mean δ/‖δ‖‖ |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for batch_size, tallies in results.items():
         for name, t in tallies.items():
             rate = t.seconds / t.edits
             lines.append(f"| {batch_size} | {name} | {rate:.2f} | {base_rate / rate:.2f}x "
                          f"| {t.steps / t.edits:.1f} | {t.stopped / t.edits:.2f} "
-                         f"| {t.delta_ratio / t.edits:.2f} | {t.margin_cells()} | {t.coherence():.3f} |")
+                         f"| {t.delta_ratio / t.edits:.2f} | {t.margin_cells()} "
+                         f"| {t.coherence():.3f} |")
     return "\n".join(lines)
 
 

@@ -4,9 +4,10 @@ As in MEMIT's `compute_z`: one delta per edit acts at block `z_layer` at the sub
 last token of every prefixed prompt, and is optimised with Adam (or, with `optimizer: ngd`,
 normalized gradient descent) so that the prompts continue with `target_new`, with a KL
 term that keeps the distribution after "{subject} is a", a weight decay on the delta and a
-norm clamp; an edit stops once its loss is small. The delta lives at the output of the block's edited projection, the space the
-editor writes (`write_space.py`): on Llama-style blocks that is the residual stream itself,
-on Gemma-2/3 it passes through the post-MLP norm before it reaches the stream.
+norm clamp; an edit stops once its loss is small. The delta lives at the output of the
+block's edited projection, the space the editor writes (`write_space.py`): on Llama-style
+blocks that is the residual stream itself, on Gemma-2/3 it passes through the post-MLP norm
+before it reaches the stream.
 
 Hot path (docs/benchmarks.md measures each step):
 - each row is cut at its subject's last token; the prefix before it cannot see the delta,
@@ -506,12 +507,10 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
                                    torch.arange(n_edits, device=device))
     stream_init = replay.stream[first_row, 0]                               # [E, d]
     ref = stream_init if replay.post_norm is None else replay.projection[first_row]
-    max_norm = args.clamp_norm_factor * ref.norm(dim=1)                     # [E]
     with args.precision(device):
         loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
 
     delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
-    clamp_rows(delta, max_norm)
     delta, nll, margin, steps, converged = _run_steps(loss_of, delta, ref.norm(dim=1), args)
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
@@ -522,16 +521,17 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
 
 
 def _run_steps(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
-              args: ValueArgs) -> tuple[torch.Tensor, ...]:
+               args: ValueArgs) -> tuple[torch.Tensor, ...]:
     """`args.optimizer` (Adam or normalized gradient descent) on the deltas [E, d] from where
-    they are until each edit meets the stop rule or the steps run out; `ref_norm` [E] is
-    ‖reference‖, the unit of the clamp and of the normalized step. Returns the written
-    deltas [E, d] (with `overshoot: interpolate`, moved back along their last step) and, per
-    edit [E], the target NLL and margin they score, the steps taken and 1 where the stop rule
-    ended the edit (0 where the steps ran out)."""
+    they start (clamped like a step) until each edit meets the stop rule or the steps run
+    out; `ref_norm` [E] is ‖reference‖, the unit of the clamp and of the normalized step.
+    Returns the written deltas [E, d] (with `overshoot: interpolate`, moved back along their
+    last step) and, per edit [E], the target NLL and margin they score, the steps taken and 1
+    where the stop rule ended the edit (0 where the steps ran out)."""
     n_edits, device = delta.shape[0], delta.device
+    max_norm = args.clamp_norm_factor * ref_norm                            # [E]
+    clamp_rows(delta, max_norm)
     delta.requires_grad_(True)
-    max_norm = args.clamp_norm_factor * ref_norm
     opt = (torch.optim.Adam([delta], lr=args.lr) if args.optimizer == "adam"
            else NormalizedGradient(delta, args.ngd_step * ref_norm))
     active = torch.ones(n_edits, dtype=torch.bool, device=device)
