@@ -16,7 +16,8 @@ Variants (the shipped optimisation otherwise: replay, prefix cache, length bucke
            delta moved back along its last step to where the margin meets 2 nats;
 - margin2-ngd05, margin2-ngd10, margin2-ngd20: margin2 by normalized gradient descent, not
            Adam: each delta moves 0.05 (0.10, 0.20) × ‖z‖ against its own gradient per step;
-- margin3-ngd10: steps of 0.10 × ‖z‖ to a 3-nat margin.
+- margin3-ngd10: steps of 0.10 × ‖z‖ to a 3-nat margin; margin3-ngd10-bf16: with bfloat16
+           replays.
 The variants and batch sizes take turns on each round of edits (as many as the largest
 batch), so that load from other processes falls on all of them alike. What each costs in
 edit quality over a sequential stream is measured by the grid (docs/benchmarks.md,
@@ -50,7 +51,9 @@ VARIANTS = {"nll": {"stop_on": "nll"},
             "margin2-ngd20": {"stop_on": "margin", "margin": 2.0, "optimizer": "ngd",
                               "ngd_step": 0.20},
             "margin3-ngd10": {"stop_on": "margin", "margin": 3.0, "optimizer": "ngd",
-                              "ngd_step": 0.10}}
+                              "ngd_step": 0.10},
+            "margin3-ngd10-bf16": {"stop_on": "margin", "margin": 3.0, "optimizer": "ngd",
+                                   "ngd_step": 0.10, "autocast": "bfloat16"}}
 WARM_STARTED = {"margin2-warm"}   # deltas start at the mean of the variant's earlier ones
 
 
