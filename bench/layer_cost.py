@@ -11,7 +11,9 @@ model with
 - every edited layer written in (`all`),
 - all but layer l written in (`all but L<l>`: what the others write without it),
 - only layer l written in (`only L<l>`: what it writes by itself),
-and the unedited model, the held-out token perplexity (the evaluators' texts and
+with `--without-top R ...`, every layer's change ΔW with its top R singular directions
+taken out (`all, top R out`: with R = 1, the one output direction the change writes most
+along, projected out of all of it), and the unedited model, the held-out token perplexity (the evaluators' texts and
 `tasks.evaluate.metrics.perplexity`) and efficacy, generalization and specificity over
 `--edits` of the stream's edits spread evenly over it. Forward passes only. Scores are
 kept in `--cache` (JSON), so that a run can stop and go on.
@@ -37,16 +39,41 @@ from tasks.models import load_model
 METRICS = ("efficacy", "generalization", "specificity")
 
 
-def weight_sets(edited: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{label: the weights to write in}: none, all, all but one layer, one layer only.
-    `edited` maps each edited layer's parameter name to its final weight."""
-    names = sorted(edited, key=layer_of)
+def weight_sets(edited: dict[str, torch.Tensor],
+                per_layer: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """{label: the weights to write in}: none, all, and (`per_layer`) all but one layer and
+    one layer only. `edited` maps each edited layer's parameter name to its final weight."""
+    names = sorted(edited, key=layer_of) if per_layer else []
     sets = {"unedited": {}, "all": dict(edited)}
     for name in names:
         sets[f"all but L{layer_of(name)}"] = {n: w for n, w in edited.items() if n != name}
     for name in names:
         sets[f"only L{layer_of(name)}"] = {name: edited[name]}
     return sets
+
+
+def without_top(edited: dict[str, torch.Tensor], unedited: dict[str, torch.Tensor],
+                ranks: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+    """{`all, top R out`: the weights with each layer's change ΔW = edited − unedited
+    ([d_v, d_k], torch's layout) less its top R singular components} for R in `ranks`."""
+    sets = {f"all, top {r} out": {} for r in ranks}
+    for name, weight in edited.items():
+        change = (weight - unedited[name]).double()
+        u, s, vh = torch.linalg.svd(change, full_matrices=False)
+        for r in ranks:
+            kept = change - (u[:, :r] * s[:r]) @ vh[:r]
+            sets[f"all, top {r} out"][name] = (unedited[name].double() + kept).to(weight.dtype)
+    return sets
+
+
+def top_shares(edited: dict[str, torch.Tensor], unedited: dict[str, torch.Tensor],
+               ranks: list[int]) -> dict[str, list[float]]:
+    """{parameter name: [share of ‖ΔW‖²_F in its top R singular values, for R in `ranks`]}."""
+    shares = {}
+    for name, weight in sorted(edited.items(), key=lambda item: layer_of(item[0])):
+        energy = torch.linalg.svdvals((weight - unedited[name]).double()).pow(2)
+        shares[name] = [float(energy[:r].sum() / energy.sum()) for r in ranks]
+    return shares
 
 
 def layer_of(name: str) -> int:
@@ -71,18 +98,28 @@ def score_set(lm, weights: dict, requests, texts: list[str], max_tokens: int) ->
                                    if k.removesuffix("_se") in METRICS}}
 
 
-def measure(cell_dir: Path, k: int, cache: Path | None) -> dict[str, dict]:
-    """{weight-set label: scores} for the cell; read from and added to `cache`."""
+def measure(cell_dir: Path, k: int, cache: Path | None,
+            ranks: list[int] = (), per_layer: bool = True) -> dict[str, dict]:
+    """{weight-set label: scores} for the cell (`weight_sets`; with each of `ranks`, its top
+    singular directions out of every layer's change); read from and added to `cache`."""
     summary = json.loads((cell_dir / "summary.json").read_text())
     config = summary["config"]
     results = json.loads(cache.read_text()) if cache and cache.exists() else {}
     key = f"{cell_dir.resolve()} edits={k}"
     done = results.setdefault(key, {})
     edited = load_file(str(cell_dir / "edited_layers.safetensors"))
-    sets = weight_sets(edited)
-    if all(label in done for label in sets):
-        return done
+    sets = weight_sets(edited, per_layer)
+    labels = [*sets, *(f"all, top {r} out" for r in ranks)]
+    if all(label in done for label in labels):
+        return {label: done[label] for label in labels}
     lm = load_model(config["model"])
+    if ranks:
+        unedited = {name: lm.model.get_parameter(name).detach().clone() for name in edited}
+        sets.update(without_top(edited, unedited, ranks))
+        print("share of each change in its top " + ", ".join(map(str, ranks)) + ": "
+              + "; ".join(f"L{layer_of(n)} " + ", ".join(f"{v:.2f}" for v in shares)
+                          for n, shares in top_shares(edited, unedited, ranks).items()),
+              flush=True)
     n_done = len(summary["edit_records"])
     requests = load_requests(config["data"], limit=n_done)
     requests = [requests[i] for i in evenly_spread(len(requests), k)]
@@ -96,7 +133,7 @@ def measure(cell_dir: Path, k: int, cache: Path | None) -> dict[str, dict]:
               f"efficacy {done[label]['efficacy']:.3f}", flush=True)
         if cache:
             cache.write_text(json.dumps(results, indent=1))
-    return done
+    return {label: done[label] for label in labels}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -114,6 +151,11 @@ def main(argv=None) -> None:
     parser.add_argument("cell_dir", type=Path, help="a grid's cells/<name> folder")
     parser.add_argument("--edits", type=int, default=100,
                         help="edits scored, evenly spread over the stream")
+    parser.add_argument("--without-top", type=int, nargs="+", default=[], metavar="R",
+                        help="also score each layer's change less its top R singular "
+                             "directions")
+    parser.add_argument("--no-per-layer", action="store_true",
+                        help="skip the all-but-one and one-layer-only sets")
     parser.add_argument("--cache", type=Path, help="JSON of scores so far (resumes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
@@ -122,7 +164,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{opts.cell_dir} holds no edited_layers.safetensors: give a "
                          "finished cell's folder (cells/<name> of a grid)")
     torch.set_num_threads(opts.threads)
-    results = measure(opts.cell_dir, opts.edits, opts.cache)
+    results = measure(opts.cell_dir, opts.edits, opts.cache, opts.without_top,
+                      not opts.no_per_layer)
     publish(table(results), opts.append,
             f"Each edited layer's share: {opts.cell_dir.name}, {opts.edits} of its edits",
             "bench.layer_cost", argv, f"this machine, {opts.threads} thread(s)")

@@ -3,7 +3,9 @@ edit scores what the stream logged, and with two layers "all but one" is "only t
 
 import json
 
-from bench.layer_cost import evenly_spread, layer_of, measure, table
+import torch
+
+from bench.layer_cost import evenly_spread, layer_of, measure, table, top_shares, without_top
 from pipelines.edit_stream import parse_args as stream_config, run_stream
 from tests.pipelines.conftest import stream_args
 
@@ -33,3 +35,17 @@ def test_spread_and_layer_names():
     assert evenly_spread(5, 10) == [0, 1, 2, 3, 4]
     assert evenly_spread(1000, 5) == [0, 250, 500, 749, 999]
     assert layer_of("model.layers.12.mlp.down_proj.weight") == 12
+
+
+def test_top_directions_out_of_a_rank_two_change():
+    name = "model.layers.3.mlp.down_proj.weight"
+    gen = torch.Generator().manual_seed(0)
+    unedited = {name: torch.randn(6, 8, generator=gen)}
+    big, small = torch.zeros(6, 8), torch.zeros(6, 8)
+    big[0, 0], small[1, 1] = 3.0, 1.0             # singular values 3 and 1
+    edited = {name: unedited[name] + big + small}
+
+    sets = without_top(edited, unedited, [1, 2])
+    assert torch.allclose(sets["all, top 1 out"][name], unedited[name] + small, atol=1e-6)
+    assert torch.allclose(sets["all, top 2 out"][name], unedited[name], atol=1e-6)
+    assert top_shares(edited, unedited, [1, 2]) == {name: [0.9, 1.0]}
