@@ -57,7 +57,8 @@ class EditBatchError(ValueError):
 
 def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates: list[str],
                      layers: tuple[int, ...], value_args: ValueArgs,
-                     key_args: KeyArgs | None = None) -> dict:
+                     key_args: KeyArgs | None = None,
+                     avoid: torch.Tensor | None = None) -> dict:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:
     `update_norm_L{l}` = ||ΔW||_F per layer, the size of the requested change;
     `written_share_L{l}` = ||K ΔW||_F / ||V − K W||_F, how much of the change asked at the
@@ -68,11 +69,13 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     the least over the value optimisation's prompts) have their rows submitted once more
     (each layer's keys and targets as the first pass measured them): `rewritten` counts
     them and `bare_margin_mean` (or `prompt_margin_mean`) is the batch's mean margin before
-    that."""
+    that. `avoid` [r, d]: orthonormal directions the target values' deltas are kept
+    orthogonal to (`values.avoid_written`)."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
     key_args = key_args or KeyArgs()
-    stats, rows = _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args)
+    stats, rows = _key_value_batch(lm, editor, requests, templates, layers, value_args, key_args,
+                                   avoid)
     if value_args.rewrite_below is None:
         return stats
     on_prompts = value_args.rewrite_on == "prompts"
@@ -135,7 +138,7 @@ def value_stats(requests: list[EditRequest], target: TargetValues) -> dict:
 
 
 def _key_value_batch(lm, editor, requests, templates, layers, value_args,
-                     key_args) -> tuple[dict, dict]:
+                     key_args, avoid=None) -> tuple[dict, dict]:
     """Keys and target values, the residual spread over `layers` as MEMIT does (layer i of
     n takes 1/(n-i) of what is still missing at the last layer). Returns the step's stats
     and what each layer was asked: {layer: (keys [R, d_k], values [R, d_v], edit of each
@@ -149,7 +152,8 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args,
         truth = None
         if value_args.stop_on == "margin":   # the true answers, to see the margin
             truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0].to(device)
-        target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args, truth)
+        target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args, truth,
+                                       avoid=avoid)
     bare = prompt_batch(lm.tokenizer, requests).to(device)
     stats, rows = value_stats(requests, target), {}
     z_now = target.stream_init

@@ -27,7 +27,7 @@ from tasks.evaluate.metrics import aggregate, fluency, score_requests
 from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
 from tasks.extract.keys import KeyArgs
 from tasks.extract.prompts import check_request_tokens, make_context_templates
-from tasks.extract.values import ValueArgs
+from tasks.extract.values import ValueArgs, written_directions
 from tasks.files import write_atomically
 from tasks.models import cache_root, load_model, resolve_device
 from tasks.storage import Location
@@ -352,7 +352,8 @@ class EditStream:
         tic = time.perf_counter()
         self.last_step_stats = apply_edit_batch(self.lm, self.editor, batch,
                                                 self.state["templates"], self.layers,
-                                                self.cfg.values, self.cfg.keys)
+                                                self.cfg.values, self.cfg.keys,
+                                                self.avoided_directions())
         self.state["edit_seconds"] += time.perf_counter() - tic
         self.state.setdefault("edit_records", []).extend(self.last_step_stats.pop("edits", []))
         phases = self.state.setdefault("phase_seconds", {})
@@ -368,6 +369,15 @@ class EditStream:
         if not at_eval_point and self._checkpoint_due(start, n):
             self.checkpoint()
         return at_eval_point
+
+    def avoided_directions(self) -> torch.Tensor | None:
+        """`values.avoid_written` [r, d_v]: the top output directions of the change written so
+        far at the value layer (the last edited one); None when off, for FT or before any
+        change."""
+        n, layer = self.cfg.values.avoid_written, self.layers[-1]
+        if n == 0 or self.editor.needs != "keys_values":
+            return None
+        return written_directions(self.editor.weight(layer).double() - self.W0[layer].double(), n)
 
     def _checkpoint_due(self, start: int, n: int) -> bool:
         edits = self.cfg.checkpoint_every

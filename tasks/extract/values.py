@@ -95,6 +95,9 @@ class ValueArgs:
     autocast: str | None = None   # bfloat16: the Adam steps' replays under torch.autocast
     # (the stream, the clamp and the written delta stay float32); auto: bfloat16 where the
     # device has native bfloat16 matmuls, else none
+    avoid_written: int = 0        # the stream projects the top N output directions of what
+    # the edits so far wrote at the value layer (ΔW = W − W0) out of every new delta: a
+    # direction shared by many edits adds up and costs held-out perplexity (docs/benchmarks.md)
 
     def __post_init__(self):
         if self.decay_form not in ("memit", "squared"):
@@ -109,6 +112,9 @@ class ValueArgs:
             raise ValueError(f"values.optimizer must be adam or ngd, got {self.optimizer!r}")
         if self.rewrite_on not in ("bare", "prompts"):
             raise ValueError(f"values.rewrite_on must be bare or prompts, got {self.rewrite_on!r}")
+        if not isinstance(self.avoid_written, int) or self.avoid_written < 0:
+            raise ValueError("values.avoid_written must be a whole number of directions >= 0, "
+                             f"got {self.avoid_written!r}")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
             raise ValueError("values.autocast must be null, auto, bfloat16 or float16, "
                              f"got {self.autocast!r}")
@@ -331,14 +337,16 @@ class LayerReplay:
 def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
                           kl: TokenBatch, args: ValueArgs,
                           truth: TokenBatch | None = None,
-                          init: torch.Tensor | None = None) -> TargetValues:
+                          init: torch.Tensor | None = None,
+                          avoid: torch.Tensor | None = None) -> TargetValues:
     """Optimise one delta per edit at block `z_layer`'s edited projection.
 
     `rewrite` rows are prefixed prompts + target (edit of row b: `rewrite_groups[b]`, rows of
     one edit contiguous, the first row of each edit the bare prompt); `kl` has one
     "{subject} is a" row per edit; `truth` (needed by `stop_on: margin`) the rewrite rows
     with ground_truth as the answer, row for row; `init` [d] where every delta starts (None:
-    zero; clamped like a step). Returns `TargetValues` over the E edits.
+    zero; clamped like a step); `avoid` [r, d] orthonormal directions every delta is kept
+    orthogonal to (`written_directions`). Returns `TargetValues` over the E edits.
 
     Edits do not interact (own delta, own loss, element-wise Adam), so they are optimised
     in buckets of similar suffix length: a batch is only as wide as its longest suffix.
@@ -358,7 +366,8 @@ def compute_target_values(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups:
         local = torch.searchsorted(edits, rewrite_groups[rows])   # edit ids -> 0..len(bucket)-1
         result.put(edits, _optimise_deltas(lm, z_layer, rewrite.select(rows), local,
                                            kl.select(edits), args,
-                                           None if truth is None else truth.select(rows), init))
+                                           None if truth is None else truth.select(rows), init,
+                                           avoid))
     return result
 
 
@@ -487,7 +496,8 @@ class _DeltaLoss:
 def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torch.Tensor,
                      kl: TokenBatch, args: ValueArgs,
                      truth: TokenBatch | None = None,
-                     init: torch.Tensor | None = None) -> TargetValues:
+                     init: torch.Tensor | None = None,
+                     avoid: torch.Tensor | None = None) -> TargetValues:
     """compute_target_values on one bucket (same arguments and result).
 
     The clamp and the decay measure δ against the space it lives in: the residual stream
@@ -511,7 +521,8 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
         loss_of = _DeltaLoss(replay, groups, kinds == 1, kinds == 2, n_edits, ref, args)
 
     delta = torch.zeros_like(ref) if init is None else init.to(ref).expand_as(ref).clone()
-    delta, nll, margin, steps, converged = _run_steps(loss_of, delta, ref.norm(dim=1), args)
+    delta, nll, margin, steps, converged = _run_steps(loss_of, delta, ref.norm(dim=1), args,
+                                                      avoid)
     with torch.no_grad():
         change = stream_change(replay.post_norm, replay.projection[first_row], delta)
     return TargetValues(delta=delta, stream_target=stream_init + change.to(stream_init.dtype),
@@ -521,15 +532,18 @@ def _optimise_deltas(lm, z_layer: int, rewrite: TokenBatch, rewrite_groups: torc
 
 
 def _run_steps(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
-               args: ValueArgs) -> tuple[torch.Tensor, ...]:
+               args: ValueArgs, avoid: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`args.optimizer` (Adam or normalized gradient descent) on the deltas [E, d] from where
-    they start (clamped like a step) until each edit meets the stop rule or the steps run
-    out; `ref_norm` [E] is ‖reference‖, the unit of the clamp and of the normalized step.
+    they start (clamped like a step, and like every step kept orthogonal to `avoid` [r, d])
+    until each edit meets the stop rule or the steps run out; `ref_norm` [E] is
+    ‖reference‖, the unit of the clamp and of the normalized step.
     Returns the written deltas [E, d] (with `overshoot: interpolate`, moved back along their
     last step) and, per edit [E], the target NLL and margin they score, the steps taken and 1
     where the stop rule ended the edit (0 where the steps ran out)."""
     n_edits, device = delta.shape[0], delta.device
     max_norm = args.clamp_norm_factor * ref_norm                            # [E]
+    avoid = None if avoid is None else avoid.to(delta)
+    project_out(delta, avoid)
     clamp_rows(delta, max_norm)
     delta.requires_grad_(True)
     opt = (torch.optim.Adam([delta], lr=args.lr) if args.optimizer == "adam"
@@ -557,7 +571,7 @@ def _run_steps(loss_of: _DeltaLoss, delta: torch.Tensor, ref_norm: torch.Tensor,
         steps += active
         if args.overshoot == "interpolate":
             before = (delta.detach().clone(), margin.detach())
-        _take_step(opt, delta, loss, active, max_norm)
+        _take_step(opt, delta, loss, active, max_norm, avoid)
     delta = delta.detach()
     if landed.any():   # written where they landed, and scored there, not at the step's end
         delta[landed] = landing[landed]
@@ -593,16 +607,37 @@ def _land_on_margin(landing: torch.Tensor, end: torch.Tensor, start: torch.Tenso
 
 
 def _take_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor,
-               active: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """One step of `opt` on the rows of δ [E, d] still `active`; the stopped rows keep their
-    value (Adam's moments would move them); every row is then clamped to `max_norm` [E]."""
+               active: torch.Tensor, max_norm: torch.Tensor,
+               avoid: torch.Tensor | None = None) -> None:
+    """One step of `opt` on the rows of δ [E, d] still `active`, along the gradient with its
+    part in `avoid` [r, d] taken out (and δ's, which Adam's per-coordinate steps bring back);
+    the stopped rows keep their value (Adam's moments would move them); every row is then
+    clamped to `max_norm` [E]."""
     frozen = delta.detach().clone()
     opt.zero_grad()
     loss[active].sum().backward()
+    project_out(delta.grad, avoid)
     opt.step()
     with torch.no_grad():
         delta[~active] = frozen[~active]
+        project_out(delta, avoid)
         clamp_rows(delta, max_norm)
+
+
+@torch.no_grad()
+def project_out(x: torch.Tensor, avoid: torch.Tensor | None) -> None:
+    """Remove from each row of x [E, d], in place, its part in the span of the orthonormal
+    rows of `avoid` [r, d] (nothing when None)."""
+    if avoid is not None:
+        x.sub_((x @ avoid.T) @ avoid)
+
+
+def written_directions(change: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The n output directions [n, d_v] (orthonormal) along which a layer's change
+    ΔW [d_k, d_v] writes most: its top right singular vectors; None when n is 0 or ΔW is 0."""
+    if n == 0 or not change.any():
+        return None
+    return torch.linalg.svd(change.double(), full_matrices=False)[2][:n].to(change.dtype)
 
 
 class NormalizedGradient:

@@ -21,12 +21,13 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-def optimise(lm, requests, args=MARGIN, init=None):
+def optimise(lm, requests, args=MARGIN, init=None, avoid=None):
     templates = make_context_templates(lm, 2, args.prefix_tokens, seed=0)
     rewrite, groups = rewrite_batch(lm.tokenizer, requests, templates)
     truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0]
     return values.compute_target_values(lm, lm.spec.edit_layers[-1], rewrite, groups,
-                                        kl_batch(lm.tokenizer, requests), args, truth, init)
+                                        kl_batch(lm.tokenizer, requests), args, truth, init,
+                                        avoid)
 
 
 def test_a_delta_started_where_the_stop_rule_holds_takes_no_step(smollm2):
@@ -127,3 +128,36 @@ def test_normalized_gradient_steps_have_their_set_length_and_descend(smollm2):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="values.optimizer"):
         values.ValueArgs(optimizer="lbfgs")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "ngd"])
+def test_deltas_kept_orthogonal_to_the_avoided_direction(smollm2, optimizer):
+    """`avoid` (`values.avoid_written`): with the edits' own shared direction (their mean
+    unit delta) avoided, every delta is orthogonal to it, the edits still meet the margin,
+    and an ngd step keeps its full set length inside the allowed space."""
+    torch.manual_seed(0)
+    requests = load_requests(EDIT_DATA, limit=4)
+    args = dataclasses.replace(MARGIN, steps=25, optimizer=optimizer)
+    free = optimise(smollm2, requests, args)
+    shared = torch.nn.functional.normalize(free.delta, dim=1).mean(0)
+    avoid = (shared / shared.norm())[None]                                   # [1, d]
+    assert (free.delta @ avoid.T).abs().max() > 0.1 * free.delta.norm(dim=1).min()
+    kept = optimise(smollm2, requests, args, avoid=avoid)
+    assert (kept.delta @ avoid.T).abs().max() < 1e-4 * kept.delta.norm(dim=1).min()
+    assert (kept.converged == 1).all() and (kept.margin >= 2.0).all()
+    if optimizer == "ngd":
+        one = optimise(smollm2, requests, dataclasses.replace(args, steps=1), avoid=avoid)
+        torch.testing.assert_close(one.delta_ratio, torch.full_like(one.delta_ratio, 0.10))
+
+
+def test_written_directions_are_the_changes_top_output_directions():
+    gen = torch.Generator().manual_seed(0)
+    change = torch.randn(12, 5, generator=gen, dtype=torch.float64)        # ΔW [d_k, d_v]
+    top = values.written_directions(change, 2)
+    torch.testing.assert_close(top @ top.T, torch.eye(2, dtype=torch.float64))
+    assert values.written_directions(change, 0) is None
+    assert values.written_directions(torch.zeros(12, 5), 1) is None
+    # ΔW's energy along the first direction is its largest singular value squared
+    torch.testing.assert_close((change @ top[0]).norm(), torch.linalg.svdvals(change)[0])
+    with pytest.raises(ValueError, match="values.avoid_written"):
+        values.ValueArgs(avoid_written=-1)
