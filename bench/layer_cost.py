@@ -167,7 +167,8 @@ def main(argv=None) -> None:
     results = measure(opts.cell_dir, opts.edits, opts.cache, opts.without_top,
                       not opts.no_per_layer)
     publish(table(results), opts.append,
-            f"Each edited layer's share: {opts.cell_dir.name}, {opts.edits} of its edits",
+            ("Each edited layer's share" if not opts.no_per_layer else "The change less its "
+             "top singular directions") + f": {opts.cell_dir.name}, {opts.edits} of its edits",
             "bench.layer_cost", argv, f"this machine, {opts.threads} thread(s)")
 
 
