@@ -20,7 +20,7 @@ from tasks.evaluate.metrics import continuation_scores
 from tasks.extract.hooks import replace_linear_weights
 from tasks.extract.keys import KeyArgs, block_outputs_at, compute_keys, group_mean
 from tasks.extract.prompts import kl_batch, prompt_batch, rewrite_batch, template_prefix
-from tasks.extract.values import TargetValues, ValueArgs, compute_target_values
+from tasks.extract.values import TargetValues, ValueArgs, compute_target_values, project_out
 from tasks.extract.write_space import projection_change, projection_outputs_at, rescaled_change
 from tasks.models import vocab_logits
 
@@ -58,7 +58,7 @@ class EditBatchError(ValueError):
 def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates: list[str],
                      layers: tuple[int, ...], value_args: ValueArgs,
                      key_args: KeyArgs | None = None,
-                     avoid: torch.Tensor | None = None) -> dict:
+                     avoid: dict[int, torch.Tensor] | None = None) -> dict:
     """Edit `requests` into `lm` in place through `editor`; returns what changed:
     `update_norm_L{l}` = ||ΔW||_F per layer, the size of the requested change;
     `written_share_L{l}` = ||K ΔW||_F / ||V − K W||_F, how much of the change asked at the
@@ -69,8 +69,9 @@ def apply_edit_batch(lm, editor: Editor, requests: list[EditRequest], templates:
     the least over the value optimisation's prompts) have their rows submitted once more
     (each layer's keys and targets as the first pass measured them): `rewritten` counts
     them and `bare_margin_mean` (or `prompt_margin_mean`) is the batch's mean margin before
-    that. `avoid` [r, d]: orthonormal directions the target values' deltas are kept
-    orthogonal to (`values.avoid_written`)."""
+    that. `avoid` {layer: [r, d_v]}: orthonormal output directions (`values.avoid_written`)
+    the target values' deltas are kept orthogonal to (those of the value layer, the last)
+    and, with `values.avoid_on: writes`, that each layer's asked change loses."""
     if editor.needs == "loss":
         return _fine_tune_batch(lm, editor, requests, layers)
     key_args = key_args or KeyArgs()
@@ -152,8 +153,9 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args,
         truth = None
         if value_args.stop_on == "margin":   # the true answers, to see the margin
             truth = rewrite_batch(lm.tokenizer, requests, templates, "ground_truth")[0].to(device)
+        avoid = avoid or {}
         target = compute_target_values(lm, layers[-1], rewrite, groups, kl, value_args, truth,
-                                       avoid=avoid)
+                                       avoid=avoid.get(layers[-1]))
     bare = prompt_batch(lm.tokenizer, requests).to(device)
     stats, rows = value_stats(requests, target), {}
     z_now = target.stream_init
@@ -171,6 +173,8 @@ def _key_value_batch(lm, editor, requests, templates, layers, value_args,
         clock.start("update")
         W = editor.weight(layer)
         keys, asked = keys.to(W.dtype), change.to(W.dtype)[key_edits]   # asked: V − K W
+        if value_args.avoid_on == "writes" and layer in avoid:
+            project_out(asked, avoid[layer].to(asked))
         values = keys @ W + asked                                         # [R, d_v]
         delta_W = _update_layer(lm, editor, layer, keys, values, requests)
         rows[layer] = (keys, values, key_edits)

@@ -370,14 +370,17 @@ class EditStream:
             self.checkpoint()
         return at_eval_point
 
-    def avoided_directions(self) -> torch.Tensor | None:
-        """`values.avoid_written` [r, d_v]: the top output directions of the change written so
-        far at the value layer (the last edited one); None when off, for FT or before any
-        change."""
-        n, layer = self.cfg.values.avoid_written, self.layers[-1]
+    def avoided_directions(self) -> dict[int, torch.Tensor] | None:
+        """`values.avoid_written`: {layer: [r, d_v]} the top output directions of the change
+        written so far at the value layer (the last edited one), and with `avoid_on: writes`
+        at every edited layer; None when off or for FT, {} before any change."""
+        n, values = self.cfg.values.avoid_written, self.cfg.values
         if n == 0 or self.editor.needs != "keys_values":
             return None
-        return written_directions(self.editor.weight(layer).double() - self.W0[layer].double(), n)
+        layers = self.layers if values.avoid_on == "writes" else self.layers[-1:]
+        found = {layer: written_directions(self.editor.weight(layer).double()
+                                           - self.W0[layer].double(), n) for layer in layers}
+        return {layer: found[layer] for layer in layers if found[layer] is not None}
 
     def _checkpoint_due(self, start: int, n: int) -> bool:
         edits = self.cfg.checkpoint_every

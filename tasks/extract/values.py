@@ -96,8 +96,11 @@ class ValueArgs:
     # (the stream, the clamp and the written delta stay float32); auto: bfloat16 where the
     # device has native bfloat16 matmuls, else none
     avoid_written: int = 0        # the stream projects the top N output directions of what
-    # the edits so far wrote at the value layer (ΔW = W − W0) out of every new delta: a
-    # direction shared by many edits adds up and costs held-out perplexity (docs/benchmarks.md)
+    # the edits so far wrote (ΔW = W − W0) out of every new delta (`avoid_on: delta`, at the
+    # value layer) or also out of the change each layer is asked to write (`writes`, each
+    # layer's own directions): a direction shared by many edits adds up and costs held-out
+    # perplexity (docs/benchmarks.md, "One shared direction")
+    avoid_on: str = "delta"
 
     def __post_init__(self):
         if self.decay_form not in ("memit", "squared"):
@@ -112,6 +115,8 @@ class ValueArgs:
             raise ValueError(f"values.optimizer must be adam or ngd, got {self.optimizer!r}")
         if self.rewrite_on not in ("bare", "prompts"):
             raise ValueError(f"values.rewrite_on must be bare or prompts, got {self.rewrite_on!r}")
+        if self.avoid_on not in ("delta", "writes"):
+            raise ValueError(f"values.avoid_on must be delta or writes, got {self.avoid_on!r}")
         if not isinstance(self.avoid_written, int) or self.avoid_written < 0:
             raise ValueError("values.avoid_written must be a whole number of directions >= 0, "
                              f"got {self.avoid_written!r}")
