@@ -374,13 +374,13 @@ class EditStream:
         """`values.avoid_written`: {layer: [r, d_v]} the top output directions of the change
         written so far at the value layer (the last edited one), and with `avoid_on: writes`
         at every edited layer; None when off or for FT, {} before any change."""
-        n, values = self.cfg.values.avoid_written, self.cfg.values
-        if n == 0 or self.editor.needs != "keys_values":
+        values = self.cfg.values
+        if values.avoid_written == 0 or self.editor.needs != "keys_values":
             return None
         layers = self.layers if values.avoid_on == "writes" else self.layers[-1:]
-        found = {layer: written_directions(self.editor.weight(layer).double()
-                                           - self.W0[layer].double(), n) for layer in layers}
-        return {layer: found[layer] for layer in layers if found[layer] is not None}
+        found = {layer: written_directions(self.editor.weight(layer).double() - self.W0[layer],
+                                           values.avoid_written) for layer in layers}
+        return {layer: top for layer, top in found.items() if top is not None}
 
     def _checkpoint_due(self, start: int, n: int) -> bool:
         edits = self.cfg.checkpoint_every

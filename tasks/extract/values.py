@@ -638,14 +638,14 @@ def project_out(x: torch.Tensor, avoid: torch.Tensor | None) -> None:
 
 
 def written_directions(change: torch.Tensor, n: int) -> torch.Tensor | None:
-    """The n output directions [n, d_v] (orthonormal) along which a layer's change
+    """The n output directions [n, d_v] (orthonormal, float64) along which a layer's change
     ΔW [d_k, d_v] writes most: its top right singular vectors, the top eigenvectors of
     ΔWᵀΔW [d_v, d_v] (a quarter of the SVD's time); None when n is 0 or ΔW is 0."""
     if n == 0 or not change.any():
         return None
     change = change.double()
     vectors = torch.linalg.eigh(change.T @ change)[1]                 # eigenvalues ascending
-    return vectors[:, -n:].flip(1).T.contiguous().to(change.dtype)
+    return vectors[:, -n:].flip(1).T.contiguous()
 
 
 class NormalizedGradient:
