@@ -30,7 +30,7 @@ from tasks.errors import UserError
 from tasks.models import resolve_device
 from tasks.progress import Progress
 from tasks.storage import Location
-from tasks.stream import StreamConfig, config_digest, snapshot_path
+from tasks.stream import StreamConfig, config_changes, named, snapshot_path
 
 log = logging.getLogger("rlsedit.cell")
 EDITED_LAYERS = "edited_layers.safetensors"
@@ -192,9 +192,9 @@ def finished_summary(cell: Cell, cfg: StreamConfig) -> dict | None:
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    if config_digest(from_dict(StreamConfig, summary["config"])) != config_digest(cfg):
-        raise UserError(f"{cell.dir} holds a finished stream of a different config; remove "
-                        f"it or choose another output_dir")
+    if changed := config_changes(summary["config"], cfg):
+        raise UserError(f"{cell.dir} holds a finished stream of a different config "
+                        f"({named(changed)}); remove it or choose another output_dir")
     return summary
 
 

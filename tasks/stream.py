@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tasks.anchor import AnchorArgs, cached_anchor_stats
-from tasks.config import to_dict
+from tasks.config import ConfigError, flatten, from_dict, to_dict
 from tasks.data import MAX_CHARS, SkippedRecord, load_requests
 from tasks.edit_step import apply_edit_batch
 from tasks.editors import build_editor, resolve_editor
@@ -190,13 +190,37 @@ NOT_IN_DIGEST = ("output_dir", "output_json", "run_name", "experiment", "device"
                  "heldout", "capability", "retention_also", "recent_edits")
 
 
-def config_digest(cfg: StreamConfig) -> str:
-    """What must match for a checkpoint to be resumed: everything that shapes the edits."""
+def edit_settings(cfg: StreamConfig) -> dict:
+    """Everything in `cfg` that shapes the edits, as a nested dict."""
     keep = to_dict(cfg)
     for key in NOT_IN_DIGEST:
         keep.pop(key)
     keep["editor_args"] = resolve_editor(cfg.editor, cfg.editor_args)[2]  # registry edits count
-    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return keep
+
+
+def config_digest(cfg: StreamConfig) -> str:
+    """What must match for a checkpoint to be resumed: everything that shapes the edits."""
+    return hashlib.sha1(json.dumps(edit_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(saved: dict, cfg: StreamConfig) -> list[str]:
+    """The settings that shape the edits (dotted keys) in which `cfg` differs from `saved`,
+    a stream config as `to_dict` wrote it. A setting added to the code since `saved` was
+    written takes its default there, so a run resumes after an upgrade that only adds
+    settings, as long as it leaves them at their defaults (a default that changed still
+    differs: `saved` holds the old value)."""
+    try:
+        before = flatten(edit_settings(from_dict(StreamConfig, saved)))
+    except ConfigError as err:   # a setting the code no longer has
+        return [f"(the saved config no longer reads: {err})"]
+    now = flatten(edit_settings(cfg))
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def named(changes: list[str], most: int = 4) -> str:
+    """`config_changes` for a one-line message."""
+    return ", ".join(changes[:most]) + (" …" if len(changes) > most else "") + " differ"
 
 
 def stream_requests(cfg: StreamConfig, tokenizer) -> tuple[list, list[SkippedRecord]]:
@@ -298,7 +322,8 @@ class EditStream:
         cfg.out_dir.mkdir()
         self.ckpt_path = cfg.out_dir / CHECKPOINT
         self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
-                      "digest": self.digest, "baseline": None, "templates": None}
+                      "digest": self.digest, "config": to_dict(cfg), "baseline": None,
+                      "templates": None}
         saved = newest_checkpoint(cfg.out_dir)
         if saved is not None:
             self._restore(saved)
@@ -318,10 +343,15 @@ class EditStream:
         return {**self.cfg.editor_args, "planned_batches": batches}
 
     def _restore(self, saved: dict) -> None:
-        if saved["digest"] != self.digest:
-            raise UserError(f"{self.ckpt_path} was written by a different config; "
-                            f"remove it or choose another output_dir")
+        if "config" in saved:
+            changed = config_changes(saved["config"], self.cfg)
+        else:   # written before checkpoints kept their config
+            changed = [] if saved["digest"] == self.digest else ["its settings"]
+        if changed:
+            raise UserError(f"{self.ckpt_path} was written by a different config "
+                            f"({named(changed)}); remove it or choose another output_dir")
         self.state = {k: v for k, v in saved.items() if k != "editor"}
+        self.state.update(digest=self.digest, config=to_dict(self.cfg))
         self.editor.load_state_dict(saved["editor"])
         for layer in self.layers:
             self.lm.write_edit_weight(layer, self.editor.weight(layer))

@@ -193,8 +193,8 @@ CHECKPOINT_MISTAKES = {   # name: (write the checkpoint there, what the line say
     "damaged": (lambda path: path.write_bytes(b"PK\x03\x04 not a zip file"),
                 r"the checkpoint .*checkpoint.pt \(.*\) cannot be read: restore it"),
     "of another config": (lambda path: torch.save({"digest": "0" * 16}, path),
-                          r"checkpoint.pt was written by a different config; remove it or "
-                          r"choose another output_dir"),
+                          r"checkpoint.pt was written by a different config \(its settings "
+                          r"differ\); remove it or choose another output_dir"),
 }
 
 

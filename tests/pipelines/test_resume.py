@@ -20,7 +20,7 @@ from pipelines.edit_stream import parse_args as stream_config, run_stream
 from pipelines.grid import editor_actor_name, grid_cells, parse_args as grid_config, run_grid
 from tasks.errors import UserError
 from tasks.storage import Location
-from tasks.stream import EditStream, read_checkpoint
+from tasks.stream import EditStream, config_digest, read_checkpoint
 from tests.pipelines.conftest import (check_stream_matches, run_killed, same_weights,
                                       stream_args)
 from tests.pipelines.test_grid import smoke_args
@@ -81,6 +81,48 @@ def test_between_evaluation_points_checkpoints_follow_the_clock(tmp_path):
     assert read_checkpoint(Location(tmp_path / "run" / "checkpoint.pt"))["position"] == 1
     with pytest.raises(ValueError, match="checkpoint_minutes must be positive"):
         stream_config(stream_args(tmp_path / "x") + ["--set", "checkpoint_minutes=0"])
+
+
+def checkpoint_after(args, edits: int) -> tuple[Location, dict]:
+    """A stream of `args` stepped `edits` times and checkpointed; its checkpoint's place and
+    content."""
+    stream = EditStream(stream_config(args + ["--set", "checkpoint_minutes=1000"]))
+    for _ in range(edits):
+        stream.step()
+    stream.checkpoint()
+    path = Location(args[args.index("--output-dir") + 1]) / "checkpoint.pt"
+    return path, read_checkpoint(path)
+
+
+def rewrite(path: Location, saved: dict) -> None:
+    path.write_with(lambda tmp: torch.save(saved, tmp))
+
+
+def test_a_checkpoint_resumes_after_an_upgrade_that_adds_settings(tmp_path):
+    """Written before a setting existed (its key not in the saved config): resumed while the
+    setting keeps its default, refused with the setting named when it does not; a setting
+    the saved config holds must be equal; a checkpoint without its config (written before
+    checkpoints kept it) resumes on its digest alone."""
+    args = stream_args(tmp_path / "run")
+    path, saved = checkpoint_after(args, 2)
+    assert saved["config"]["values"]["avoid_written"] == 0
+    del saved["config"]["values"]["avoid_written"], saved["config"]["values"]["avoid_on"]
+    saved["digest"] = "0" * 16    # the digest of the config without them
+    rewrite(path, saved)
+    assert EditStream(stream_config(args)).position == 2
+    with pytest.raises(UserError, match=r"different config \(values.avoid_written differ\)"):
+        EditStream(stream_config(args + ["--set", "values.avoid_written=1"]))
+    with pytest.raises(UserError, match=r"different config \(values.margin differ\)"):
+        EditStream(stream_config(args + ["--set", "values.margin=2.5"]))
+    assert EditStream(stream_config(args + ["--set", "eval_max=3"])).position == 2  # not an edit's
+
+    legacy = {k: v for k, v in saved.items() if k != "config"}
+    rewrite(path, {**legacy, "digest": config_digest(stream_config(args))})
+    resumed = EditStream(stream_config(args))
+    assert resumed.position == 2 and resumed.state["config"]["values"]["avoid_written"] == 0
+    rewrite(path, legacy)
+    with pytest.raises(UserError, match=r"different config \(its settings differ\)"):
+        EditStream(stream_config(args))
 
 
 def grid_args(out):
