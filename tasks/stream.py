@@ -309,7 +309,6 @@ class EditStream:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.editor_settings = resolve_editor(cfg.editor, cfg.editor_args)[2]  # typos fail early
-        self.digest = config_digest(cfg)
         self.lm = load_model(cfg.model, device=resolve_device(cfg.device))
         self.requests, self.skipped = stream_requests(cfg, self.lm.tokenizer)
         self.layers = self.lm.check_layers(cfg.layers if cfg.layers is not None
@@ -322,8 +321,7 @@ class EditStream:
         cfg.out_dir.mkdir()
         self.ckpt_path = cfg.out_dir / CHECKPOINT
         self.state = {"position": 0, "history": [], "edit_seconds": 0.0, "run_id": None,
-                      "digest": self.digest, "config": to_dict(cfg), "baseline": None,
-                      "templates": None}
+                      "config": to_dict(cfg), "baseline": None, "templates": None}
         saved = newest_checkpoint(cfg.out_dir)
         if saved is not None:
             self._restore(saved)
@@ -345,13 +343,13 @@ class EditStream:
     def _restore(self, saved: dict) -> None:
         if "config" in saved:
             changed = config_changes(saved["config"], self.cfg)
-        else:   # written before checkpoints kept their config
-            changed = [] if saved["digest"] == self.digest else ["its settings"]
+        else:   # written before checkpoints kept their config: only its digest
+            changed = [] if saved["digest"] == config_digest(self.cfg) else ["its settings"]
         if changed:
             raise UserError(f"{self.ckpt_path} was written by a different config "
                             f"({named(changed)}); remove it or choose another output_dir")
-        self.state = {k: v for k, v in saved.items() if k != "editor"}
-        self.state.update(digest=self.digest, config=to_dict(self.cfg))
+        self.state = {k: v for k, v in saved.items() if k not in ("editor", "digest")}
+        self.state["config"] = to_dict(self.cfg)
         self.editor.load_state_dict(saved["editor"])
         for layer in self.layers:
             self.lm.write_edit_weight(layer, self.editor.weight(layer))
