@@ -329,7 +329,8 @@ class EditStream:
             self.state["baseline"] = baseline
         if self.state["templates"] is None:
             self.state["templates"] = make_context_templates(
-                self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed)
+                self.lm, cfg.values.n_prefixes, cfg.values.prefix_tokens, cfg.seed,
+                cfg.values.open_prefixes)
         self.last_step_stats: dict[str, float] = {}
         self._last_checkpoint = time.monotonic()
 

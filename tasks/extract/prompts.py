@@ -13,8 +13,14 @@ PREFIX_OPENERS = ("The", "Therefore", "Because", "I", "You")
 
 
 @torch.no_grad()
-def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -> list[str]:
-    """["{}"] plus `n_prefixes` model-sampled prefixes ending in ". {}" (deterministic in seed)."""
+def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int,
+                           open_prefixes: int = 0) -> list[str]:
+    """["{}"] plus `n_prefixes` model-sampled prefixes ending in ". {}" (deterministic in seed).
+
+    The last `open_prefixes` of them end in " {}" instead: the prompt runs on from the
+    sampled words, so the subject follows words of its own sentence, as it does in about a
+    third of CounterFact's paraphrases ("The twin city of Kharkiv is"). The sampled texts do
+    not depend on `open_prefixes`."""
     tok = lm.tokenizer
     templates = ["{}"]
     if n_prefixes == 0:
@@ -28,7 +34,7 @@ def make_context_templates(lm, n_prefixes: int, prefix_tokens: int, seed: int) -
                                     pad_token_id=tok.pad_token_id)
             text = tok.decode(out[0], skip_special_tokens=True)
             text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-            templates.append(text + ". {}")
+            templates.append(text + (" {}" if i >= n_prefixes - open_prefixes else ". {}"))
     return templates
 
 

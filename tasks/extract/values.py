@@ -81,6 +81,8 @@ class ValueArgs:
     # margin, linear between the step's two ends, meets `margin` (its margin then re-scored)
     n_prefixes: int = 5           # MEMIT: 5 sampled prefixes plus the bare prompt
     prefix_tokens: int = 10       # MEMIT: prefixes of 10 tokens
+    open_prefixes: int = 0        # how many of them run on into the prompt without MEMIT's
+    # ". " (the subject then follows words of its own sentence, as in a third of paraphrases)
     optimizer: str = "adam"       # adam; ngd, normalized gradient descent: each edit's δ moves
     # `ngd_step` × ‖reference‖ against its own gradient per step (the steepest descent in
     # ‖δ‖, where Adam's first steps move every coordinate alike)
@@ -120,6 +122,9 @@ class ValueArgs:
         if not isinstance(self.avoid_written, int) or self.avoid_written < 0:
             raise ValueError("values.avoid_written must be a whole number of directions >= 0, "
                              f"got {self.avoid_written!r}")
+        if not isinstance(self.open_prefixes, int) or not 0 <= self.open_prefixes <= self.n_prefixes:
+            raise ValueError(f"values.open_prefixes must be a whole number from 0 to n_prefixes "
+                             f"({self.n_prefixes}), got {self.open_prefixes!r}")
         if self.autocast not in (None, "auto", "bfloat16", "float16"):
             raise ValueError("values.autocast must be null, auto, bfloat16 or float16, "
                              f"got {self.autocast!r}")

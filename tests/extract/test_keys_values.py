@@ -7,7 +7,7 @@ from tasks.edit_step import apply_edit_batch
 from tasks.editors.rls import RLSArgs, RLSEditor
 from tasks.evaluate.metrics import continuation_scores, score_requests
 from tasks.extract.keys import compute_keys
-from tasks.extract.prompts import kl_batch, rewrite_batch
+from tasks.extract.prompts import kl_batch, make_context_templates, rewrite_batch
 from tasks.extract.tokens import build_batch
 from tasks.extract.values import LayerReplay, ValueArgs, compute_target_values
 from tests.conftest import CORPUS
@@ -208,3 +208,15 @@ def test_edits_that_did_not_land_are_written_again():
     assert outs[100.0, "prompts"]["prompt_margin_mean"] == pytest.approx(
         float(on_prompts.mean()), abs=1e-4)
     assert (margins[100.0, "bare"] > margins[None, "bare"]).all(), margins
+
+
+def test_open_prefixes_run_on_into_the_prompt_from_the_same_sampled_words(tiny):
+    """`open_prefixes` changes only how the last prefixes join the prompt (" " for ". "):
+    the sampled words, and so every other template, stay as they were."""
+    closed = make_context_templates(tiny, 3, 4, seed=0)
+    opened = make_context_templates(tiny, 3, 4, seed=0, open_prefixes=2)
+    assert opened[:2] == closed[:2] and closed[1].endswith(". {}")
+    assert [t.removesuffix(" {}") for t in opened[2:]] == [t.removesuffix(". {}")
+                                                           for t in closed[2:]]
+    with pytest.raises(ValueError, match="open_prefixes"):
+        ValueArgs(n_prefixes=2, open_prefixes=3)
