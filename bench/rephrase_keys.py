@@ -32,7 +32,8 @@ from tasks.extract.prompts import make_context_templates, rewrite_batch
 from tasks.extract.tokens import build_batch
 from tasks.models import load_model
 
-STYLES = {"period": lambda t: t, "mid": lambda t: t.replace(". {}", " {}")}
+# How many of the n prefixes run on into the prompt (`values.open_prefixes`) per style
+STYLES = {"period": lambda n: 0, "mid": lambda n: n}
 
 
 def subject_place(prompt: str, subject: str) -> str:
@@ -114,9 +115,9 @@ def main(argv=None) -> None:
             and r.subject in r.rephrase_prompts[0]]       # a paraphrase with the subject
     requests = [requests[i] for i in kept]
     lm = load_model(opts.model)
-    base = make_context_templates(lm, config["values"]["n_prefixes"],
-                                  config["values"]["prefix_tokens"], config["seed"])
-    cosines = {s: key_cosines(lm, opts.layer, requests, [STYLES[s](t) for t in base])
+    n, tokens = config["values"]["n_prefixes"], config["values"]["prefix_tokens"]
+    cosines = {s: key_cosines(lm, opts.layer, requests, make_context_templates(
+                   lm, n, tokens, config["seed"], open_prefixes=STYLES[s](n)))
                for s in opts.styles}
     generalization = [scores["generalization"][i] for i in kept]
     publish(table(requests, generalization, cosines), opts.append,
