@@ -8,7 +8,8 @@ lm-eval capability suite; fluency runs once per stream, after its last edit. Thi
 on one model's unedited weights in one process, each part as it was before issue 15
 (`reference_continuation_scores`: every (prompt, target) text a full forward, batched by
 length; `reference_perplexity`: texts in given order, logits at every padded position)
-and as it is now (`tasks/evaluate/metrics.py`), old and new alternating, and checks that the
+and as it is now (`tasks/evaluate/metrics.py`; perplexity: lm-eval's `rlsedit_agnews_ppl`
+through `SharedContextHFLM`), old and new alternating, and checks that the
 scores agree: per-request metrics and token accuracies exactly, NLLs and perplexity to
 1e-5, absolute and relative (the reference itself moves NLLs of ~20 nats by 2.5e-5
 between batch sizes 32 and 7). Requests are the first `--num-requests` of `--data` with
@@ -186,7 +187,8 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
     from tasks.anchor import read_corpus
     from tasks.corpus import HeldoutArgs
     from tasks.data import load_requests
-    from tasks.evaluate.metrics import continuation_scores, perplexity
+    from tasks.evaluate.capability import heldout_perplexity, heldout_suite
+    from tasks.evaluate.metrics import continuation_scores
     from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
     from tasks.models import load_model
 
@@ -201,9 +203,11 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
         lambda: score_with(continuation_scores, lm, requests, opts.batch_size)[:3])
     nll_ok, nll_note = nll_check(old[1], new[1])
     scores_ok = same_scores(old[0], new[0]) and torch.equal(old[2], new[2])
+    suite = heldout_suite(lm, heldout)
+    heldout_perplexity(suite)   # the task's documents are read once per suite, before timing
     old_ppl, old_ppl_s, new_ppl, new_ppl_s = alternating(
         opts.repeats, lambda: reference_perplexity(lm, texts, heldout.max_tokens),
-        lambda: perplexity(lm, texts, heldout.max_tokens))
+        lambda: heldout_perplexity(suite))
     ppl_diff = abs(old_ppl - new_ppl) / old_ppl
     rows = [["CounterFact scoring", old_s, new_s,
              f"metrics {'equal' if scores_ok else 'DIFFER'}, {nll_note}"],

@@ -14,7 +14,7 @@ model with
 with `--without-top R ...`, every layer's change ΔW with its top R singular directions
 taken out (`all, top R out`: with R = 1, the one output direction the change writes most
 along, projected out of all of it), and the unedited model, the held-out token perplexity (the evaluators' texts and
-`tasks.evaluate.metrics.perplexity`) and efficacy, generalization and specificity over
+lm-eval's `rlsedit_agnews_ppl`) and efficacy, generalization and specificity over
 `--edits` of the stream's edits spread evenly over it. Forward passes only. Scores are
 kept in `--cache` (JSON), so that a run can stop and go on.
 """
@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 
 from bench.docs import publish
 from pipelines.report import _value
-from tasks.anchor import read_corpus
 from tasks.corpus import HeldoutArgs
 from tasks.data import load_requests
-from tasks.evaluate.metrics import aggregate, perplexity, score_requests
+from tasks.evaluate.capability import CapabilitySuite, heldout_perplexity, heldout_suite
+from tasks.evaluate.metrics import aggregate, score_requests
 from tasks.models import load_model
 
 METRICS = ("efficacy", "generalization", "specificity")
@@ -89,11 +89,12 @@ def evenly_spread(n_done: int, k: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_set(lm, weights: dict, requests, texts: list[str], max_tokens: int) -> dict:
-    """Held-out perplexity and the CounterFact shares on the model with `weights` written in."""
+def score_set(lm, weights: dict, requests, heldout: CapabilitySuite) -> dict:
+    """Held-out perplexity (`heldout`: `heldout_suite`) and the CounterFact shares on the
+    model with `weights` written in."""
     with lm.layers_loaded(weights):
         scores = aggregate(score_requests(lm, requests))
-        ppl = perplexity(lm, texts, max_tokens)
+        ppl = heldout_perplexity(heldout)
     return {"perplexity": ppl, **{k: v for k, v in scores.items()
                                    if k.removesuffix("_se") in METRICS}}
 
@@ -124,11 +125,11 @@ def measure(cell_dir: Path, k: int, cache: Path | None,
     requests = load_requests(config["data"], limit=n_done)
     requests = [requests[i] for i in evenly_spread(len(requests), k)]
     heldout = HeldoutArgs(**config.get("heldout", {}))   # a grid's cell names every field
-    texts = read_corpus(heldout.corpus, heldout.n_texts, offset=heldout.offset)
+    suite = heldout_suite(lm, heldout)
     for label, weights in sets.items():
         if label in done:
             continue
-        done[label] = score_set(lm, weights, requests, texts, heldout.max_tokens)
+        done[label] = score_set(lm, weights, requests, suite)
         print(f"{label}: ppl {done[label]['perplexity']:.2f}, "
               f"efficacy {done[label]['efficacy']:.3f}", flush=True)
         if cache:

@@ -120,7 +120,7 @@ def table(cells: dict[str, dict]) -> str:
     k = first["retention_first_k"]
     header = ["cell", "efficacy", "generalization", "specificity", "neighbourhood specificity",
               f"first-{k} efficacy",
-              "held-out token ppl", "held-out word ppl (lm-eval)", "SST-2 acc", "AG News acc",
+              "held-out token ppl", "held-out word ppl (lm-eval, older runs)", "SST-2 acc", "AG News acc",
               "fluency", "anchor deviation", "unconverged values",
               "mean ‖δ‖/‖z‖", "edits/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

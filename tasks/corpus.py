@@ -6,17 +6,18 @@ no header). Its rows are split so that no use sees another's texts:
 - rows [0, 2000): anchor texts, the keys whose outputs the editors protect
   (`ANCHOR_TEXTS`: `AnchorArgs.n_texts`, read from the corpus's start);
 - rows [2000, 7000): the lm-eval topic task `rlsedit_agnews` (`TOPIC_ROWS`);
-- rows [7000, end): held-out text for perplexity (`HELDOUT_START`): the evaluator's
-  (`HeldoutArgs`, its `heldout.*` settings) and lm-eval's `rlsedit_agnews_ppl`.
+- rows [7000, end): held-out text for perplexity (`HELDOUT_START`): lm-eval's
+  `rlsedit_agnews_ppl`, which the evaluator runs on its `heldout.*` settings
+  (`HeldoutArgs`).
 
 A row's text is cleaned one of two ways, which give different texts on this corpus
 (1,509 of its 7,600 rows hold runs of spaces): each keeps the texts, and so the scores,
 of the runs measured with it.
 
 - `cleaned_text` (backslashes become spaces, the ends stripped) for the anchor
-  statistics and the evaluator's held-out perplexity, on the rows `corpus_texts` reads;
+  statistics and the held-out perplexity, on the rows `corpus_texts` reads;
 - `single_spaced_text` (backslashes become spaces, every run of whitespace one space)
-  for the lm-eval tasks, on the rows `tsv_rows` reads.
+  for the lm-eval topic task, on the rows `tsv_rows` reads.
 
 Nothing of rlsedit is imported here: `tasks/evaluate/lmeval/utils.py`, which lm-eval loads by
 path, loads this file by path too.

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,6 +123,21 @@ class LoadedModel:
                 params[name].copy_(weight)
             raise
         return replaced
+
+    def tokenizer_folder(self) -> Path:
+        """A folder `AutoTokenizer.from_pretrained` reads this model's tokenizer from, saved
+        once under the cache: how lm-eval's task loaders, which see no model, tokenize as
+        the model does."""
+        folder = cache_root() / "tokenizers" / self.spec.name.replace("/", "--")
+        if not (folder / "tokenizer_config.json").exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=folder.parent))
+            self.tokenizer.save_pretrained(staging)
+            try:
+                staging.rename(folder)   # atomic; another process may have saved it first
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+        return folder
 
     @contextmanager
     def layers_loaded(self, weights: dict[str, torch.Tensor]):

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import ConfigError
+from tasks.corpus import HeldoutArgs
 from tasks.files import workdir_path, write_atomically
 from tasks.models import cache_root
 
@@ -27,6 +28,7 @@ log = logging.getLogger("rlsedit.capability")
 LMEVAL_DIR = Path(__file__).with_name("lmeval")
 PROFILES_PATH = Path(__file__).with_name("capability_profiles.yaml")
 LOCAL_PREFIX = "rlsedit_"
+HELDOUT_TASK = "rlsedit_agnews_ppl"   # held-out token perplexity (`heldout_suite`)
 
 
 @dataclass
@@ -97,16 +99,21 @@ class CapabilitySuite:
     """lm-eval around one loaded model, kept across calls: write a snapshot's weights into
     `lm.model` and call `score()` again; nothing is reloaded."""
 
-    def __init__(self, lm, args: CapabilityArgs):
+    def __init__(self, lm, args: CapabilityArgs, metadata: dict | None = None):
+        """`metadata`: settings for the local tasks' loaders besides the data folder and
+        the model's tokenizer, which every suite passes."""
         from tasks.evaluate.shared_context import SharedContextHFLM
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data: no hub round trip
         self.args = args
+        self.metadata = {"data_dir": workdir_path(args.data_dir),
+                         "tokenizer": str(lm.tokenizer_folder()), **(metadata or {})}
         self.tasks, self.limit = resolve_suite(args)
         kwargs = {"max_length": args.max_length} if args.max_length else {}
         self.hflm = SharedContextHFLM(pretrained=lm.model, tokenizer=lm.tokenizer,
                          batch_size=args.batch_size, **kwargs)
         self._manager = None
+        self._specs = None
 
     @property
     def manager(self):
@@ -116,8 +123,17 @@ class CapabilitySuite:
             needs_hub_tasks = any(not t.startswith(LOCAL_PREFIX) for t in self.tasks)
             self._manager = TaskManager(include_path=str(LMEVAL_DIR),
                                         include_defaults=needs_hub_tasks,
-                                        metadata={"data_dir": workdir_path(self.args.data_dir)})
+                                        metadata=self.metadata)
         return self._manager
+
+    @property
+    def task_specs(self) -> list:
+        """What `score` hands lm-eval: the local tasks built once (their documents read and
+        prepared once per suite, not per call), other names as they are."""
+        if self._specs is None:
+            self._specs = [self.manager.load(t)["tasks"][t] if t.startswith(LOCAL_PREFIX)
+                           else t for t in self.tasks]
+        return self._specs
 
     def score(self) -> dict[str, float]:
         """Flat scores of every task in the suite on the model as it is now."""
@@ -125,12 +141,27 @@ class CapabilitySuite:
 
         if not self.tasks:
             return {}
-        out = simple_evaluate(model=self.hflm, tasks=self.tasks, task_manager=self.manager,
+        out = simple_evaluate(model=self.hflm, tasks=self.task_specs, task_manager=self.manager,
                               limit=self.limit, bootstrap_iters=0, log_samples=False,
                               confirm_run_unsafe_code=self.args.allow_code_execution,
                               random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                               fewshot_random_seed=0)
         return flatten_results(out["results"])
+
+
+def heldout_suite(lm, heldout: HeldoutArgs, batch_size: int = 16) -> CapabilitySuite:
+    """lm-eval's held-out perplexity task (`rlsedit_agnews_ppl`) over `heldout`'s texts and
+    cut: `heldout_perplexity` of it is the evaluator's `perplexity`."""
+    return CapabilitySuite(lm, CapabilityArgs(tasks=[HELDOUT_TASK], batch_size=batch_size),
+                           metadata={"heldout_corpus": workdir_path(heldout.corpus),
+                                     "heldout_offset": heldout.offset,
+                                     "heldout_texts": heldout.n_texts,
+                                     "max_tokens": heldout.max_tokens})
+
+
+def heldout_perplexity(suite: CapabilitySuite) -> float:
+    """exp of the mean NLL per scored token of the held-out texts, on the model as it is."""
+    return suite.score()[f"{HELDOUT_TASK}.token_perplexity"]
 
 
 def unedited_capability(suite: CapabilitySuite, model_name: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data import EditRequest
-from tasks.extract.tokens import TokenBatch, build_batch, pad_right
+from tasks.extract.tokens import TokenBatch, build_batch
 from tasks.models import vocab_logits
 
 METRIC_NAMES = ("efficacy", "generalization", "specificity", "specificity_nbhd",
@@ -67,12 +67,17 @@ def _prompt_groups(pairs: list[tuple[str, str]]) -> list[list[int]]:
 def _prefix_chunks(batch: TokenBatch, groups: list[list[int]],
                    batch_size: int) -> list[tuple[int, list[list[int]]]]:
     """`groups` (rows of `batch` that share a prompt) bucketed by the length L of their
-    shared token prefix, in chunks of at most `batch_size` groups: [(L, groups)]."""
+    shared token prefix, in chunks of at most `batch_size` groups: [(L, groups)]. A lone
+    row, or a group that shares at most one token, gains nothing from sharing: its rows go
+    alone into the L = 0 bucket, where rows of similar length meet in plain forwards."""
     lengths = batch.last + 1
     buckets: dict[int, list[list[int]]] = {}
     for group in groups:
-        key = _shared_prefix(batch.input_ids[group], lengths[group])
-        buckets.setdefault(key, []).append(group)
+        key = _shared_prefix(batch.input_ids[group], lengths[group]) if len(group) > 1 else 0
+        if key <= 1:
+            buckets.setdefault(0, []).extend([row] for row in group)
+        else:
+            buckets.setdefault(key, []).append(group)
     chunks = []
     for length, members in sorted(buckets.items()):
         members.sort(key=lambda group: int(lengths[group].max()))  # similar suffix lengths
@@ -229,30 +234,3 @@ def fluency(lm, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 
     finally:
         tok.padding_side = side
     return sum(entropies) / len(entropies) if entropies else float("nan")
-
-
-@torch.no_grad()
-def perplexity(lm, texts: list[str], max_tokens: int = 128, batch_size: int = 16) -> float:
-    """exp of the mean next-token NLL over all tokens of `texts` (each cut at `max_tokens`).
-    Texts run in order of length, so that a batch is little padded, and the LM head runs
-    only at real positions.
-
-    Why beside lm-eval's `rlsedit_agnews_ppl` (same AG News rows, `tasks/corpus.py`): a
-    grid without a capability suite (the main job's `cpu-demo`) still scores perplexity at
-    every point, at 1/10 of the suite's cost; lm-eval's rolling loglikelihood reports word
-    and byte perplexity, not this per-token one in which every reported figure is given."""
-    tok = lm.tokenizer
-    ids = tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        input_ids, mask = (t.to(lm.model.device) for t in
-                           pad_right([ids[i] for i in order[start:start + batch_size]],
-                                     tok.pad_token_id))
-        hidden = lm.model.base_model(input_ids=input_ids, attention_mask=mask,
-                                     use_cache=False).last_hidden_state   # [B, T, d]
-        scored = mask[:, 1:].bool()                                    # [B, T - 1]
-        logits = vocab_logits(lm.model, hidden[:, :-1][scored]).float()  # [M, vocab]
-        total_nll += float(F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="sum"))
-        total_tokens += int(scored.sum())
-    return math.exp(total_nll / max(total_tokens, 1))

@@ -25,12 +25,12 @@ import numpy as np
 import ray
 import torch
 
-from tasks.anchor import AnchorStats, read_corpus
+from tasks.anchor import AnchorStats
 from tasks.config import from_dict
 from tasks.corpus import HeldoutArgs
-from tasks.evaluate.capability import (CapabilityArgs, CapabilitySuite, suite_key,
-                                       unedited_capability)
-from tasks.evaluate.metrics import aggregate, perplexity, score_requests
+from tasks.evaluate.capability import (CapabilityArgs, CapabilitySuite, heldout_perplexity,
+                                       heldout_suite, suite_key, unedited_capability)
+from tasks.evaluate.metrics import aggregate, score_requests
 from tasks.models import load_model
 from tasks.stream import (EditStream, StreamConfig, scored_evaluation, stream_fluency,
                           stream_requests, unedited_scores)
@@ -132,7 +132,7 @@ class Evaluator:
         self.model_name = model
         self.lm = load_model(model, device=device or _device())
         self._requests: dict[str, list] = {}
-        self._heldout: dict[str, list[str]] = {}
+        self._heldout: dict[str, CapabilitySuite] = {}
         self._suites: dict[str, CapabilitySuite] = {}
         self._unedited_capability: dict[str, dict] = {}
 
@@ -145,11 +145,13 @@ class Evaluator:
         return config, self._requests[key]
 
     def _perplexity(self, heldout: dict) -> float:
+        """Held-out token perplexity of the model as it is now (lm-eval's task, built once
+        per held-out setting)."""
         args = HeldoutArgs(**heldout)
-        key = f"{args.corpus}:{args.offset}:{args.n_texts}"
+        key = f"{args.corpus}:{args.offset}:{args.n_texts}:{args.max_tokens}"
         if key not in self._heldout:
-            self._heldout[key] = read_corpus(args.corpus, args.n_texts, offset=args.offset)
-        return perplexity(self.lm, self._heldout[key], args.max_tokens)
+            self._heldout[key] = heldout_suite(self.lm, args)
+        return heldout_perplexity(self._heldout[key])
 
     def _suite(self, capability: dict | None) -> CapabilitySuite | None:
         """The suite `capability` selects (built once), or None when it selects none."""

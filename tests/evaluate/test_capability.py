@@ -19,7 +19,7 @@ LOCAL_TASKS = sorted(p.stem for p in LMEVAL_DIR.glob("*.yaml"))
 
 # the metric each local task reports, as flattened by tasks.evaluate.capability
 HEADLINE = {"rlsedit_sst2": "acc", "rlsedit_agnews": "acc",
-            "rlsedit_agnews_ppl": "word_perplexity",
+            "rlsedit_agnews_ppl": "token_perplexity",
             "rlsedit_gsm8k": "exact_match.flexible-extract",
             "rlsedit_humaneval": "pass_at_1.create_test"}
 
@@ -55,12 +55,32 @@ def test_local_tasks_read_the_shared_files():
     assert len(sst2) == 872 and set(sst2["label"]) == {0, 1}
     topic = utils.load_agnews_topic()["test"]
     assert len(topic) == 5000 and set(topic["label"]) == {0, 1, 2, 3}
-    heldout = utils.load_agnews_heldout()["test"]
-    assert len(heldout) == 600 and heldout[0]["text"] not in set(topic["text"])
     assert len(utils.load_gsm8k()["test"]) == 1319
     assert len(utils.load_humaneval()["test"]) == 164
     with pytest.raises(FileNotFoundError, match="RLSEDIT_DATA_DIR"):
         utils.load_sst2(data_dir=str(ROOT / "no-such-folder"))
+
+
+def test_heldout_texts_are_cut_with_the_models_tokenizer_and_split_after_one_token(tiny):
+    """The perplexity task's documents: AG News rows 7,000 on, cleaned as the anchors read
+    them, cut at `max_tokens` tokens (the tiny tokenizer: bytes), the first one context."""
+    sys.path.insert(0, str(LMEVAL_DIR))
+    try:
+        import utils
+    finally:
+        sys.path.pop(0)
+    docs = utils.load_heldout_tokens(tokenizer=str(tiny.tokenizer_folder()), max_tokens=40)["test"]
+    rows = (DATA / "agnews" / "test.tsv").read_text().splitlines()
+    first = utils.corpus.cleaned_text(rows[7000].split("\t")[0])
+    assert len(docs) == 600 and docs[0]["context"] == first[0]
+    assert docs[0]["context"] + docs[0]["continuation"] == first[:40]
+    assert {d["n_scored"] for d in docs} == {39}
+    few = utils.load_heldout_tokens(tokenizer=str(tiny.tokenizer_folder()), heldout_offset=10,
+                                    heldout_texts=3)["test"]
+    assert len(few) == 3 and few[0]["context"] == utils.corpus.cleaned_text(
+        rows[10].split("\t")[0])[0]
+    with pytest.raises(ValueError, match="tokenizer folder"):
+        utils.load_heldout_tokens()
 
 
 def test_humaneval_pass_at_1_runs_the_unit_tests():
@@ -80,7 +100,7 @@ def test_humaneval_pass_at_1_runs_the_unit_tests():
 
 def test_suites_resolve_and_refuse_what_they_do_not_know():
     tasks, limit = resolve_suite(CapabilityArgs(profile="cpu"))
-    assert tasks == ["rlsedit_sst2", "rlsedit_agnews", "rlsedit_agnews_ppl"] and limit == 200
+    assert tasks == ["rlsedit_sst2", "rlsedit_agnews"] and limit == 200
     tasks, limit = resolve_suite(CapabilityArgs(profile="full"))
     assert "rlsedit_humaneval" not in tasks and "rlsedit_gsm8k" in tasks and limit is None
     tasks, _ = resolve_suite(CapabilityArgs(profile="full", allow_code_execution=True))

@@ -7,7 +7,10 @@ import torch
 from bench.eval_speed import (reference_continuation_scores, reference_perplexity,
                               same_scores, score_with)
 from tasks.data import load_requests, parse_record
-from tasks.evaluate.metrics import _hidden_with_shared_prefix, continuation_scores, perplexity
+from tasks.anchor import read_corpus
+from tasks.corpus import HeldoutArgs
+from tasks.evaluate.capability import heldout_perplexity, heldout_suite
+from tasks.evaluate.metrics import _hidden_with_shared_prefix, continuation_scores
 from tasks.evaluate.neighbours import NeighbourArgs, with_neighbours
 from tasks.models import load_model
 from tests.conftest import CORPUS, EDIT_DATA
@@ -73,10 +76,17 @@ def test_hidden_states_with_a_cached_prefix_equal_a_plain_forward(lm, length):
     torch.testing.assert_close(fast[real], full[real], rtol=1e-5, atol=1e-5)
 
 
-def test_perplexity_equals_the_padded_full_logits_one(lm):
-    texts = [line.split("\t")[0] for line in CORPUS.read_text().splitlines()[:13]]
-    texts += ["a", "Short one."]
+def test_lmeval_perplexity_equals_the_padded_full_logits_one(lm, tmp_path):
+    """lm-eval's held-out task through `SharedContextHFLM` gives the plain per-token
+    perplexity, a one-byte text (nothing to score) and texts longer than the cut included."""
+    heldout = tmp_path / "heldout.tsv"
+    heldout.write_text("".join(line.split("\t")[0] + "\t0\n"
+                               for line in CORPUS.read_text().splitlines()[:13])
+                       + "a\t0\nShort one.\t0\n")
+    texts = read_corpus(heldout)
     for max_tokens, batch_size in [(64, 4), (500, 16)]:
         old = reference_perplexity(lm, texts, max_tokens, batch_size)
-        new = perplexity(lm, texts, max_tokens, batch_size)
+        args = HeldoutArgs(corpus=str(heldout), offset=0, n_texts=len(texts),
+                           max_tokens=max_tokens)
+        new = heldout_perplexity(heldout_suite(lm, args, batch_size))
         assert new == pytest.approx(old, rel=1e-5)

@@ -87,7 +87,7 @@ def test_smoke_grid_logs_parent_and_child_runs_and_resumes(local_ray, tmp_path, 
         capability = client.get_metric_history(run.info.run_id, "cap.rlsedit_sst2.acc")
         assert [m.step for m in capability] == [4, 6]
         assert client.get_metric_history(run.info.run_id,
-                                         "cap.rlsedit_agnews_ppl.word_perplexity")[-1].value > 1
+                                         "cap.rlsedit_agnews_ppl.token_perplexity")[-1].value > 1
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"summary.json", "config.json", "edited_layers.safetensors",
                 "snapshots"} <= artifacts

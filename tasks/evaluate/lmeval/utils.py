@@ -64,11 +64,43 @@ def load_agnews_topic(data_dir: str | None = None, **_) -> dict:
     return {"test": datasets.Dataset.from_list(docs)}
 
 
-def load_agnews_heldout(data_dir: str | None = None, **_) -> dict:
-    """AG News texts after the topic task's rows: held-out text for perplexity."""
-    docs = [{"text": corpus.single_spaced_text(t)}
-            for t, _ in _agnews(data_dir)[corpus.HELDOUT_START:]]
-    return {"test": datasets.Dataset.from_list(docs)}
+def first_token_split(tokenizer, text: str, max_tokens: int) -> dict:
+    """`text` cut at `max_tokens` tokens of `tokenizer` (as it tokenizes a text alone, with
+    any BOS it adds), split after its first token: {context: that token's text,
+    continuation: the rest's text, n_scored: the rest's token count}. lm-eval then scores
+    every token after the first given all before it, as the encodings round-trip."""
+    ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+    decode = lambda part: tokenizer.decode(part, clean_up_tokenization_spaces=False)
+    return {"context": decode(ids[:1]), "continuation": decode(ids[1:]),
+            "n_scored": len(ids) - 1}
+
+
+def load_heldout_tokens(data_dir: str | None = None, tokenizer: str | None = None,
+                        heldout_corpus: str | None = None,
+                        heldout_offset: int = corpus.HELDOUT_START,
+                        heldout_texts: int | None = None, max_tokens: int = 128, **_) -> dict:
+    """Held-out text for token perplexity: `heldout_texts` texts (None: all) from
+    `heldout_offset` on of `heldout_corpus` (default: AG News, whose rows from 7,000 on no
+    other use reads), read as `corpus.corpus_texts` reads them, each `first_token_split`
+    with the model's tokenizer (`tokenizer`: a folder it loads from; the evaluator passes
+    it in the task metadata). Texts of one token score nothing and are left out."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        raise ValueError("rlsedit_agnews_ppl needs the model's tokenizer folder as `tokenizer` "
+                         "in the task metadata (tasks.evaluate.capability passes it)")
+    path = Path(heldout_corpus or data_root(data_dir) / "agnews" / "test.tsv")
+    texts = corpus.corpus_texts(path.read_text(encoding="utf-8"), heldout_texts, heldout_offset)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    docs = [first_token_split(tok, text, max_tokens) for text in texts]
+    return {"test": datasets.Dataset.from_list([d for d in docs if d["n_scored"] > 0])}
+
+
+def token_perplexity(doc: dict, results: list) -> dict:
+    """(log P of the continuation, its token count): `weighted_perplexity` of these is exp
+    of the mean NLL per scored token."""
+    (loglikelihood, _greedy), = results
+    return {"token_perplexity": (loglikelihood, doc["n_scored"])}
 
 
 def load_gsm8k(data_dir: str | None = None, **_) -> dict:
