@@ -132,25 +132,52 @@ def test_unedited_scores_are_computed_once_per_model_and_suite(tiny):
     assert unedited_capability(suite, "tiny-llama") == first
 
 
-def test_in_memory_sst2_score_matches_the_lm_eval_command_line():
-    """The packaged SmolLM2 on SST-2, first 40 sentences: our in-memory HFLM run and
-    `lm_eval --model hf` on the dequantised folder print the same accuracy."""
-    from tasks.models import cache_root, load_model
+@pytest.fixture(scope="module")
+def smollm2():
+    from tasks.models import load_model
 
-    lm = load_model("smollm2-135m")
-    ours = CapabilitySuite(lm, CapabilityArgs(tasks=["rlsedit_sst2"], limit=40)).score()
+    return load_model("smollm2-135m")
+
+
+def lm_eval_command_line(task: str, metric: str, limit: int, metadata: dict | None = None) -> float:
+    """`metric` of `task` as `lm_eval --model hf` prints it for the dequantised packaged
+    SmolLM2 folder, on the first `limit` documents."""
+    from tasks.models import cache_root
+
     folder = cache_root() / "models" / "smollm2-135m"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    extra = ["--metadata", json.dumps(metadata)] if metadata else []
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={folder},dtype=float32", "--tasks", "rlsedit_sst2", "--include_path",
-         str(LMEVAL_DIR), "--limit", "40", "--batch_size", "8"],
+         f"pretrained={folder},dtype=float32", "--tasks", task, "--include_path",
+         str(LMEVAL_DIR), "--limit", str(limit), "--batch_size", "8", *extra],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    row = re.search(r"\|rlsedit_sst2\s*\|.*?\|acc\s*\|[^|]*\|\s*([0-9.]+)\|", done.stdout)
+    row = re.search(rf"\|{task}\s*\|.*?\|{metric}\s*\|[^|]*\|\s*([0-9.]+)\|", done.stdout)
     assert row, done.stdout[-2000:]
-    assert ours["rlsedit_sst2.acc"] == pytest.approx(float(row.group(1)), abs=5e-5)
+    return float(row.group(1))
+
+
+def test_in_memory_sst2_score_matches_the_lm_eval_command_line(smollm2):
+    """The packaged SmolLM2 on SST-2, first 40 sentences: our in-memory HFLM run and
+    `lm_eval --model hf` on the dequantised folder print the same accuracy."""
+    ours = CapabilitySuite(smollm2, CapabilityArgs(tasks=["rlsedit_sst2"], limit=40)).score()
+    theirs = lm_eval_command_line("rlsedit_sst2", "acc", 40)
+    assert ours["rlsedit_sst2.acc"] == pytest.approx(theirs, abs=5e-5)
     assert 0.5 <= ours["rlsedit_sst2.acc"] <= 1.0   # the instruct model is above chance
+
+
+def test_evaluator_perplexity_matches_the_lm_eval_command_line(smollm2):
+    """The evaluators' held-out perplexity (first 20 texts) is what `lm_eval` prints for
+    the same task given the model's tokenizer folder: lm-eval's own HFLM, not ours."""
+    from tasks.corpus import HeldoutArgs
+    from tasks.evaluate.capability import heldout_perplexity, heldout_suite
+
+    ours = heldout_perplexity(heldout_suite(smollm2, HeldoutArgs(n_texts=20)))
+    theirs = lm_eval_command_line("rlsedit_agnews_ppl", "token_perplexity", 20,
+                                  {"tokenizer": str(smollm2.tokenizer_folder())})
+    assert ours == pytest.approx(theirs, abs=5e-4)   # lm-eval prints 4 decimals
+    assert 10 < ours < 1000
 
 
 def test_the_lmeval_tasks_read_the_corpus_splits_without_importing_rlsedit(tmp_path):
