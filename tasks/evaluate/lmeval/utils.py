@@ -70,9 +70,9 @@ def first_token_split(tokenizer, text: str, max_tokens: int) -> dict:
     continuation: the rest's text, n_scored: the rest's token count}. lm-eval then scores
     every token after the first given all before it, as the encodings round-trip."""
     ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
-    decode = lambda part: tokenizer.decode(part, clean_up_tokenization_spaces=False)
-    return {"context": decode(ids[:1]), "continuation": decode(ids[1:]),
-            "n_scored": len(ids) - 1}
+    context, continuation = (tokenizer.decode(part, clean_up_tokenization_spaces=False)
+                             for part in (ids[:1], ids[1:]))
+    return {"context": context, "continuation": continuation, "n_scored": len(ids) - 1}
 
 
 def load_heldout_tokens(data_dir: str | None = None, tokenizer: str | None = None,
