@@ -204,7 +204,7 @@ def measure(opts) -> tuple[list[list[str]], list[str]]:
     nll_ok, nll_note = nll_check(old[1], new[1])
     scores_ok = same_scores(old[0], new[0]) and torch.equal(old[2], new[2])
     suite = heldout_suite(lm, heldout)
-    heldout_perplexity(suite)   # the task's documents are read once per suite, before timing
+    suite.task_specs   # the task's documents are prepared once per suite, before timing
     old_ppl, old_ppl_s, new_ppl, new_ppl_s = alternating(
         opts.repeats, lambda: reference_perplexity(lm, texts, heldout.max_tokens),
         lambda: heldout_perplexity(suite))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import astuple
 
 import numpy as np
 import ray
@@ -132,7 +133,7 @@ class Evaluator:
         self.model_name = model
         self.lm = load_model(model, device=device or _device())
         self._requests: dict[str, list] = {}
-        self._heldout: dict[str, CapabilitySuite] = {}
+        self._heldout: dict[tuple, CapabilitySuite] = {}
         self._suites: dict[str, CapabilitySuite] = {}
         self._unedited_capability: dict[str, dict] = {}
 
@@ -148,7 +149,7 @@ class Evaluator:
         """Held-out token perplexity of the model as it is now (lm-eval's task, built once
         per held-out setting)."""
         args = HeldoutArgs(**heldout)
-        key = f"{args.corpus}:{args.offset}:{args.n_texts}:{args.max_tokens}"
+        key = astuple(args)
         if key not in self._heldout:
             self._heldout[key] = heldout_suite(self.lm, args)
         return heldout_perplexity(self._heldout[key])
