@@ -14,8 +14,8 @@ from bench.docs import append_section, command_line
 from tasks.config import flatten, to_dict
 from tasks.stream import StreamConfig
 
-ROWS = ("efficacy", "generalization", "specificity", "efficacy_token_acc",
-        "generalization_token_acc", "specificity_token_acc", "fluency")
+ROWS = ("efficacy", "generalization", "specificity", "specificity_nbhd", "efficacy_token_acc",
+        "generalization_token_acc", "specificity_token_acc", "fluency", "perplexity")
 
 
 def _settings(summary: dict) -> str:
@@ -42,7 +42,8 @@ def report(s: dict) -> str:
         if name in final:
             ret = f"{final['retention_' + name]:.3f}" if "retention_" + name in final else ""
             bret = f"{base['retention_' + name]:.3f}" if "retention_" + name in base else ""
-            lines.append(f"| {name} | {base.get(name, float('nan')):.3f} | {final[name]:.3f} "
+            se = f" ± {final[name + '_se']:.3f}" if name + "_se" in final else ""
+            lines.append(f"| {name} | {base.get(name, float('nan')):.3f} | {final[name]:.3f}{se} "
                          f"| {bret} | {ret} |")
     lines.append(f"\nEditing speed: {s['edits_per_second']:.3f} edits/s "
                  f"({s['seconds_per_edit']:.2f} s per edit, keys + values + update, "
