@@ -32,11 +32,13 @@ from bench.docs import publish
 from pipelines.report import _value
 from tasks.corpus import HeldoutArgs
 from tasks.data import load_requests
-from tasks.evaluate.capability import CapabilitySuite, heldout_perplexity, heldout_suite
+from tasks.evaluate.capability import (CapabilityArgs, CapabilitySuite, heldout_perplexity,
+                                       heldout_suite)
 from tasks.evaluate.metrics import aggregate, score_requests
 from tasks.models import load_model
 
 METRICS = ("efficacy", "generalization", "specificity")
+CAPABILITY = {"rlsedit_sst2.acc": "SST-2", "rlsedit_agnews.acc": "AG News"}   # the cpu suite
 
 
 def weight_sets(edited: dict[str, torch.Tensor],
@@ -89,24 +91,29 @@ def evenly_spread(n_done: int, k: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_set(lm, weights: dict, requests, heldout: CapabilitySuite) -> dict:
-    """Held-out perplexity (`heldout`: `heldout_suite`) and the CounterFact shares on the
-    model with `weights` written in."""
+def score_set(lm, weights: dict, requests, heldout: CapabilitySuite,
+              capability: CapabilitySuite | None = None) -> dict:
+    """Held-out perplexity (`heldout`: `heldout_suite`), the CounterFact shares and
+    (`capability`: the `cpu` suite) SST-2 and AG News on the model with `weights` written in."""
     with lm.layers_loaded(weights):
         scores = aggregate(score_requests(lm, requests))
         ppl = heldout_perplexity(heldout)
+        tasks = capability.score() if capability else {}
     return {"perplexity": ppl, **{k: v for k, v in scores.items()
-                                   if k.removesuffix("_se") in METRICS}}
+                                   if k.removesuffix("_se") in METRICS},
+            **{k: v for k, v in tasks.items() if k in CAPABILITY}}
 
 
-def measure(cell_dir: Path, k: int, cache: Path | None,
-            ranks: list[int] = (), per_layer: bool = True) -> dict[str, dict]:
+def measure(cell_dir: Path, k: int, cache: Path | None, ranks: list[int] = (),
+            per_layer: bool = True, capability_limit: int | None = None) -> dict[str, dict]:
     """{weight-set label: scores} for the cell (`weight_sets`; with each of `ranks`, its top
-    singular directions out of every layer's change); read from and added to `cache`."""
+    singular directions out of every layer's change; with `capability_limit`, SST-2 and AG
+    News on that many documents each); read from and added to `cache`."""
     summary = json.loads((cell_dir / "summary.json").read_text())
     config = summary["config"]
     results = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    key = f"{cell_dir.resolve()} edits={k}"
+    key = f"{cell_dir.resolve()} edits={k}" + (f" capability={capability_limit}"
+                                                if capability_limit else "")
     done = results.setdefault(key, {})
     edited = load_file(str(cell_dir / "edited_layers.safetensors"))
     sets = weight_sets(edited, per_layer)
@@ -126,10 +133,12 @@ def measure(cell_dir: Path, k: int, cache: Path | None,
     requests = [requests[i] for i in evenly_spread(len(requests), k)]
     heldout = HeldoutArgs(**config.get("heldout", {}))   # a grid's cell names every field
     suite = heldout_suite(lm, heldout)
+    capability = capability_limit and CapabilitySuite(
+        lm, CapabilityArgs(profile="cpu", limit=capability_limit))
     for label, weights in sets.items():
         if label in done:
             continue
-        done[label] = score_set(lm, weights, requests, suite)
+        done[label] = score_set(lm, weights, requests, suite, capability or None)
         print(f"{label}: ppl {done[label]['perplexity']:.2f}, "
               f"efficacy {done[label]['efficacy']:.3f}", flush=True)
         if cache:
@@ -137,14 +146,22 @@ def measure(cell_dir: Path, k: int, cache: Path | None,
     return {label: done[label] for label in labels}
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per weight set."""
-    header = ["weights", "held-out token ppl", *METRICS]
+def table(results: dict[str, dict], capability_limit: int | None = None) -> str:
+    """Markdown: one row per weight set (SST-2 and AG News ± binomial standard error over
+    `capability_limit` documents, where scored)."""
+    tasks = list(CAPABILITY) if capability_limit else []
+    header = ["weights", "held-out token ppl", *METRICS, *(CAPABILITY[t] for t in tasks)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in results.items():
-        cells = [f"{row['perplexity']:.2f}", *(_value(row, m) for m in METRICS)]
+        cells = [f"{row['perplexity']:.2f}", *(_value(row, m) for m in METRICS),
+                 *(accuracy(row[t], capability_limit) for t in tasks)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def accuracy(share: float, n: int) -> str:
+    """`share` ± its binomial standard error over n documents."""
+    return f"{share:.3f} ± {(share * (1 - share) / n) ** 0.5:.3f}"
 
 
 def main(argv=None) -> None:
@@ -157,17 +174,22 @@ def main(argv=None) -> None:
                              "directions")
     parser.add_argument("--no-per-layer", action="store_true",
                         help="skip the all-but-one and one-layer-only sets")
+    parser.add_argument("--capability-limit", type=int, metavar="N",
+                        help="also score SST-2 and AG News (the cpu suite) on N documents "
+                             "each; at most 872, SST-2's test sentences")
     parser.add_argument("--cache", type=Path, help="JSON of scores so far (resumes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
+    if opts.capability_limit and not 0 < opts.capability_limit <= 872:
+        raise SystemExit("--capability-limit must be 1 to 872 (SST-2 has 872 test sentences)")
     if not (opts.cell_dir / "edited_layers.safetensors").is_file():
         raise SystemExit(f"{opts.cell_dir} holds no edited_layers.safetensors: give a "
                          "finished cell's folder (cells/<name> of a grid)")
     torch.set_num_threads(opts.threads)
     results = measure(opts.cell_dir, opts.edits, opts.cache, opts.without_top,
-                      not opts.no_per_layer)
-    publish(table(results), opts.append,
+                      not opts.no_per_layer, opts.capability_limit)
+    publish(table(results, opts.capability_limit), opts.append,
             ("Each edited layer's share" if not opts.no_per_layer else "The change less its "
              "top singular directions") + f": {opts.cell_dir.name}, {opts.edits} of its edits",
             "bench.layer_cost", argv, f"this machine, {opts.threads} thread(s)")

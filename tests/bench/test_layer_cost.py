@@ -1,5 +1,6 @@
 """Each edited layer's share, rescored from a real 6-edit stream over two layers: the whole
-edit scores what the stream logged, and with two layers "all but one" is "only the other"."""
+edit scores what the stream logged (the capability suite included), and with two layers
+"all but one" is "only the other"."""
 
 import json
 
@@ -14,7 +15,8 @@ def test_layer_sets_score_what_the_stream_logged(tmp_path):
     out = tmp_path / "cell"
     summary = run_stream(stream_config(stream_args(out) + [
         "--set", "layers=[0,1]", "--num-edits", "6", "--eval-every", "6",
-        "--set", "heldout.n_texts=10"]))
+        "--set", "heldout.n_texts=10", "--set", "capability.profile=cpu",
+        "--set", "capability.limit=4"]))
     cache = tmp_path / "layers.json"
     results = measure(out, 6, cache)
 
@@ -29,6 +31,13 @@ def test_layer_sets_score_what_the_stream_logged(tmp_path):
     rows = table(results).splitlines()
     assert rows[0] == "| weights | held-out token ppl | efficacy | generalization | specificity |"
     assert len(rows) == 2 + 6
+
+    with_tasks = measure(out, 6, cache, per_layer=False, capability_limit=4)
+    for task in ("rlsedit_sst2.acc", "rlsedit_agnews.acc"):
+        assert with_tasks["all"][task] == summary["final"][f"cap.{task}"]
+        assert with_tasks["unedited"][task] == summary["unedited"][f"cap.{task}"]
+    assert f"{out.resolve()} edits=6 capability=4" in json.loads(cache.read_text())
+    assert table(with_tasks, 4).splitlines()[0].endswith("| specificity | SST-2 | AG News |")
 
 
 def test_spread_and_layer_names():
