@@ -104,18 +104,28 @@ def score_set(lm, weights: dict, requests, heldout: CapabilitySuite,
             **{k: v for k, v in tasks.items() if k in CAPABILITY}}
 
 
+def weights_file(cell_dir: Path, snapshot: int | None = None) -> Path:
+    """The cell's final edited layers, or (`snapshot`) those logged after that many edits."""
+    if snapshot is None:
+        return cell_dir / "edited_layers.safetensors"
+    return cell_dir / "snapshots" / f"edits-{snapshot}.safetensors"
+
+
 def measure(cell_dir: Path, k: int, cache: Path | None, ranks: list[int] = (),
-            per_layer: bool = True, capability_limit: int | None = None) -> dict[str, dict]:
-    """{weight-set label: scores} for the cell (`weight_sets`; with each of `ranks`, its top
-    singular directions out of every layer's change; with `capability_limit`, SST-2 and AG
-    News on that many documents each); read from and added to `cache`."""
+            per_layer: bool = True, capability_limit: int | None = None,
+            snapshot: int | None = None) -> dict[str, dict]:
+    """{weight-set label: scores} for the cell's final weights or its `snapshot`
+    (`weight_sets`; with each of `ranks`, its top singular directions out of every layer's
+    change; with `capability_limit`, SST-2 and AG News on that many documents each); read
+    from and added to `cache`."""
     summary = json.loads((cell_dir / "summary.json").read_text())
     config = summary["config"]
     results = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    key = f"{cell_dir.resolve()} edits={k}" + (f" capability={capability_limit}"
-                                                if capability_limit else "")
+    key = (f"{cell_dir.resolve()} edits={k}"
+           + (f" capability={capability_limit}" if capability_limit else "")
+           + (f" snapshot={snapshot}" if snapshot is not None else ""))
     done = results.setdefault(key, {})
-    edited = load_file(str(cell_dir / "edited_layers.safetensors"))
+    edited = load_file(str(weights_file(cell_dir, snapshot)))
     sets = weight_sets(edited, per_layer)
     labels = [*sets, *(f"all, top {r} out" for r in ranks)]
     if all(label in done for label in labels):
@@ -128,7 +138,7 @@ def measure(cell_dir: Path, k: int, cache: Path | None, ranks: list[int] = (),
               + "; ".join(f"L{layer_of(n)} " + ", ".join(f"{v:.2f}" for v in shares)
                           for n, shares in top_shares(edited, unedited, ranks).items()),
               flush=True)
-    n_done = len(summary["edit_records"])
+    n_done = snapshot or len(summary["edit_records"])
     requests = load_requests(config["data"], limit=n_done)
     requests = [requests[i] for i in evenly_spread(len(requests), k)]
     heldout = HeldoutArgs(**config.get("heldout", {}))   # a grid's cell names every field
@@ -177,22 +187,33 @@ def main(argv=None) -> None:
     parser.add_argument("--capability-limit", type=int, metavar="N",
                         help="also score SST-2 and AG News (the cpu suite) on N documents "
                              "each; at most 872, SST-2's test sentences")
+    parser.add_argument("--snapshot", type=int, metavar="N",
+                        help="score the weights logged after N edits (snapshots/edits-N)")
     parser.add_argument("--cache", type=Path, help="JSON of scores so far (resumes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
     if opts.capability_limit and not 0 < opts.capability_limit <= 872:
         raise SystemExit("--capability-limit must be 1 to 872 (SST-2 has 872 test sentences)")
-    if not (opts.cell_dir / "edited_layers.safetensors").is_file():
-        raise SystemExit(f"{opts.cell_dir} holds no edited_layers.safetensors: give a "
+    if not weights_file(opts.cell_dir, opts.snapshot).is_file():
+        raise SystemExit(f"{opts.cell_dir} holds no {weights_file(Path(), opts.snapshot)}: give a "
                          "finished cell's folder (cells/<name> of a grid)")
     torch.set_num_threads(opts.threads)
     results = measure(opts.cell_dir, opts.edits, opts.cache, opts.without_top,
-                      not opts.no_per_layer, opts.capability_limit)
-    publish(table(results, opts.capability_limit), opts.append,
-            ("Each edited layer's share" if not opts.no_per_layer else "The change less its "
-             "top singular directions") + f": {opts.cell_dir.name}, {opts.edits} of its edits",
+                      not opts.no_per_layer, opts.capability_limit, opts.snapshot)
+    publish(table(results, opts.capability_limit), opts.append, heading(opts),
             "bench.layer_cost", argv, f"this machine, {opts.threads} thread(s)")
+
+
+def heading(opts) -> str:
+    """The docs section's title: what was scored, on which weights of which cell."""
+    what = ("Each edited layer's share" if not opts.no_per_layer
+            else "The change less its top singular directions" if opts.without_top
+            else "Edited against unedited")
+    when = f" after {opts.snapshot} edits" if opts.snapshot else ""
+    tasks = (f", SST-2 and AG News on {opts.capability_limit} documents"
+             if opts.capability_limit else "")
+    return f"{what}: {opts.cell_dir.name}{when}, {opts.edits} of its edits{tasks}"
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ def test_layer_sets_score_what_the_stream_logged(tmp_path):
     assert f"{out.resolve()} edits=6 capability=4" in json.loads(cache.read_text())
     assert table(with_tasks, 4).splitlines()[0].endswith("| specificity | SST-2 | AG News |")
 
+    at_six = measure(out, 6, cache, per_layer=False, snapshot=6)   # the last point's snapshot
+    assert at_six == {label: results[label] for label in ("unedited", "all")}
+
 
 def test_spread_and_layer_names():
     assert evenly_spread(5, 10) == [0, 1, 2, 3, 4]
