@@ -15,8 +15,11 @@ with `--without-top R ...`, every layer's change ΔW with its top R singular dir
 taken out (`all, top R out`: with R = 1, the one output direction the change writes most
 along, projected out of all of it), and the unedited model, the held-out token perplexity (the evaluators' texts and
 lm-eval's `rlsedit_agnews_ppl`) and efficacy, generalization and specificity over
-`--edits` of the stream's edits spread evenly over it. Forward passes only. Scores are
-kept in `--cache` (JSON), so that a run can stop and go on.
+`--edits` of the stream's edits spread evenly over it; with `--capability-limit N`, SST-2
+and AG News on their first N documents (the evaluation points score 200). `--snapshot N`
+scores the weights the cell logged after N edits (`snapshots/edits-N.safetensors`, its
+first N edits) instead of its final ones. Forward passes only. Scores are kept in
+`--cache` (JSON), so that a run can stop and go on.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tasks.models import load_model
 
 METRICS = ("efficacy", "generalization", "specificity")
 CAPABILITY = {"rlsedit_sst2.acc": "SST-2", "rlsedit_agnews.acc": "AG News"}   # the cpu suite
+SST2_SENTENCES = 872   # its test split: the most documents both tasks can score
 
 
 def weight_sets(edited: dict[str, torch.Tensor],
@@ -143,12 +147,12 @@ def measure(cell_dir: Path, k: int, cache: Path | None, ranks: list[int] = (),
     requests = [requests[i] for i in evenly_spread(len(requests), k)]
     heldout = HeldoutArgs(**config.get("heldout", {}))   # a grid's cell names every field
     suite = heldout_suite(lm, heldout)
-    capability = capability_limit and CapabilitySuite(
-        lm, CapabilityArgs(profile="cpu", limit=capability_limit))
+    capability = (CapabilitySuite(lm, CapabilityArgs(profile="cpu", limit=capability_limit))
+                  if capability_limit else None)
     for label, weights in sets.items():
         if label in done:
             continue
-        done[label] = score_set(lm, weights, requests, suite, capability or None)
+        done[label] = score_set(lm, weights, requests, suite, capability)
         print(f"{label}: ppl {done[label]['perplexity']:.2f}, "
               f"efficacy {done[label]['efficacy']:.3f}", flush=True)
         if cache:
@@ -186,18 +190,20 @@ def main(argv=None) -> None:
                         help="skip the all-but-one and one-layer-only sets")
     parser.add_argument("--capability-limit", type=int, metavar="N",
                         help="also score SST-2 and AG News (the cpu suite) on N documents "
-                             "each; at most 872, SST-2's test sentences")
+                             f"each; at most {SST2_SENTENCES}, SST-2's test sentences")
     parser.add_argument("--snapshot", type=int, metavar="N",
                         help="score the weights logged after N edits (snapshots/edits-N)")
     parser.add_argument("--cache", type=Path, help="JSON of scores so far (resumes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true", help="add the table to docs/benchmarks.md")
     opts = parser.parse_args(argv)
-    if opts.capability_limit and not 0 < opts.capability_limit <= 872:
-        raise SystemExit("--capability-limit must be 1 to 872 (SST-2 has 872 test sentences)")
+    if opts.capability_limit and not 0 < opts.capability_limit <= SST2_SENTENCES:
+        raise SystemExit(f"--capability-limit must be 1 to {SST2_SENTENCES} (SST-2 has "
+                         f"{SST2_SENTENCES} test sentences)")
     if not weights_file(opts.cell_dir, opts.snapshot).is_file():
-        raise SystemExit(f"{opts.cell_dir} holds no {weights_file(Path(), opts.snapshot)}: give a "
-                         "finished cell's folder (cells/<name> of a grid)")
+        raise SystemExit(f"{opts.cell_dir} holds no {weights_file(Path(), opts.snapshot)}: "
+                         "give a finished cell's folder (cells/<name> of a grid) and a "
+                         "snapshot it logged")
     torch.set_num_threads(opts.threads)
     results = measure(opts.cell_dir, opts.edits, opts.cache, opts.without_top,
                       not opts.no_per_layer, opts.capability_limit, opts.snapshot)
