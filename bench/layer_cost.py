@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.docs import publish
+from bench.sweep_report import with_se
 from pipelines.report import _value
 from tasks.corpus import HeldoutArgs
 from tasks.data import load_requests
@@ -168,14 +169,10 @@ def table(results: dict[str, dict], capability_limit: int | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in results.items():
         cells = [f"{row['perplexity']:.2f}", *(_value(row, m) for m in METRICS),
-                 *(accuracy(row[t], capability_limit) for t in tasks)]
+                 *(with_se(row[t], capability_limit) for t in tasks)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def accuracy(share: float, n: int) -> str:
-    """`share` ± its binomial standard error over n documents."""
-    return f"{share:.3f} ± {(share * (1 - share) / n) ** 0.5:.3f}"
 
 
 def main(argv=None) -> None:
